@@ -1,0 +1,166 @@
+"""
+Built-in synthetic corpus: short "scenes" whose tokens differ in how much context they need.
+
+    facts : zorb is blue . mip is red . kel is green . tov is gold .
+    count five six seven eight . ask mip ? red . pick fox . the sun rises in the east . ...
+
+- count runs, fixed phrases and `beat` patterns are predictable from the last few tokens;
+- the word after `pick` is uniformly random (irreducible: compute can't help);
+- the answer after `ask <name> ?` is only predictable by looking back at the fact list (far
+  context). These answer tokens are flagged in the *_recall.bin files.
+Every word (with its leading space) is one token of a tiny byte-level BPE trained right here,
+saved in tiktoken's file format, so nothing is downloaded.
+
+    python data/synth/prepare.py    # writes train/val/test .bin, *_recall.bin, meta.json
+"""
+import base64
+import json
+import os
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+
+NAMES = ("zorb mip kel tov dax fen gub hask jol krin lum nax pim quor rask sib tuv vel wub yad "
+         "zek bryn clo drun fip glim hov ith jub kav lorp mek nib oog prax quib rilt sav tam ulo "
+         "vosk wim yop zin brak dov gop plim").split()
+VALUES = ("red blue green gold black white pink grey brown orange purple silver "
+          "cup key lamp box coin ring rope bell drum hat shoe kite").split()
+NOISE = "fox owl cat dog elk bat ant bee yak cow hen pig rat eel ram emu".split()
+NUMBERS = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+           "fifteen sixteen seventeen eighteen nineteen twenty").split()
+BEATS = "ta ka do re mi la".split()
+PHRASES = [p.split() for p in ("the sun rises in the east", "we go up and then we come down",
+           "all good things come to an end", "slow and steady wins the race",
+           "look before you leap", "time and tide wait for no man")]
+KEYWORDS = "facts : is . ask ? count pick beat".split()
+WORDS = sorted(set(NAMES + VALUES + NOISE + NUMBERS + BEATS + KEYWORDS + sum(PHRASES, [])))
+PIECES = ["facts", "\n"] + [" " + w for w in WORDS]  # a scene starts a line: "facts" has no space
+PAT_STR = r""" ?[^\s]+|\s+"""
+MAX_SCENE = 120  # tokens; a scene must fit in a 128-token context
+
+
+def scene(rng):
+    """One scene as a list of words (newline last) and the indices of its recall answers."""
+    n = rng.randint(4, 6)
+    facts = list(zip(rng.sample(NAMES, n), rng.sample(VALUES, n)))  # unique names and values
+    head = ["facts", ":"] + [w for name, value in facts for w in (name, "is", value, ".")]
+    recalls = [f for f in facts for _ in range(1 + (rng.random() < 0.4))]  # each fact 1-2 times
+    items = [["ask", name, "?", value, "."] for name, value in recalls]
+    length, target = len(head) + 5 * len(items) + 1, rng.randint(80, 110)
+    while length < target or len(items) < len(recalls) + 2:
+        kind = rng.randrange(4)
+        if kind == 0:
+            k = rng.randint(4, 7)
+            a = rng.randrange(len(NUMBERS) - k + 1)
+            item = ["count"] + NUMBERS[a:a + k] + ["."]
+        elif kind == 1:
+            item = rng.choice(PHRASES) + ["."]
+        elif kind == 2:
+            item = ["beat"] + rng.sample(BEATS, 2) * rng.randint(2, 3) + ["."]
+        else:
+            item = ["pick", rng.choice(NOISE), "."]
+        if length + len(item) >= MAX_SCENE:
+            break
+        items.append(item)
+        length += len(item)
+    while True:  # reshuffle until no answer is among the 8 tokens before it (needs far context)
+        rng.shuffle(items)
+        words = head + sum(items, []) + ["\n"]
+        answers = [i for i in range(3, len(words)) if words[i - 3] == "ask"]
+        if all(words[i] not in words[i - 8:i] for i in answers):
+            return words, answers
+
+
+def generate(n_tokens, seed, enc):
+    """Whole scenes until at least n_tokens: token ids (uint16) and recall flags (uint8)."""
+    rng, scenes, flags, total = random.Random(seed), [], [], 0
+    while total < n_tokens:
+        words, answers = scene(rng)
+        scenes.append("".join(w if i == 0 or w == "\n" else " " + w for i, w in enumerate(words)))
+        f = np.zeros(len(words), dtype=np.uint8)
+        f[answers] = 1
+        flags.append(f)
+        total += len(words)
+    ids = np.concatenate([np.array(t, dtype=np.uint16) for t in enc.encode_ordinary_batch(scenes)])
+    flags = np.concatenate(flags)
+    assert len(ids) == len(flags) == total, "a corpus word did not encode to exactly one token"
+    return ids, flags
+
+
+def train_bpe(counts):
+    """Byte-level BPE over {piece: count}: merge the most frequent pair until each piece is one token."""
+    ranks = {bytes([b]): b for b in range(256)}  # all bytes, so any text still encodes
+    parts = {p: [bytes([b]) for b in p.encode()] for p in counts}
+    while True:
+        pairs = Counter()
+        for p, toks in parts.items():
+            for pair in zip(toks, toks[1:]):
+                pairs[pair] += counts[p]
+        if not pairs:
+            return ranks
+        best = max(pairs, key=lambda q: (pairs[q], q))  # ties broken by the bytes: deterministic
+        ranks.setdefault(best[0] + best[1], len(ranks))
+        for toks in parts.values():
+            i = 0
+            while i < len(toks) - 1:
+                if (toks[i], toks[i + 1]) == best:
+                    toks[i:i + 2] = [best[0] + best[1]]
+                i += 1
+
+
+def make_encoding(ranks, pat_str=PAT_STR):
+    return tiktoken.Encoding(name="synth", pat_str=pat_str, mergeable_ranks=ranks, special_tokens={})
+
+
+def load_tokenizer(data_dir):
+    """The synth tiktoken.Encoding saved by prepare() in data_dir."""
+    data_dir = Path(data_dir)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    ranks = {}
+    for line in (data_dir / "synth.tiktoken").read_text().splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    return make_encoding(ranks, meta["pat_str"])
+
+
+def write(path, data):
+    """Write to a temp name then rename, so a half-written file never looks complete."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def prepare(out_dir=Path(__file__).parent, seed=1337, n_train=2_000_000, n_val=100_000, n_test=100_000):
+    """Write the tokenizer, the three splits and their recall flags, then meta.json (last)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ranks = train_bpe(Counter(PIECES))
+    enc = make_encoding(ranks)
+    assert all(len(enc.encode_ordinary(p)) == 1 for p in PIECES)
+    write(out_dir / "synth.tiktoken", "".join(
+        f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()).encode())
+    sizes, recall = {}, {}
+    for i, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
+        ids, flags = generate(n, seed + i, enc)  # a different stream per split
+        write(out_dir / f"{split}.bin", ids.tobytes())
+        write(out_dir / f"{split}_recall.bin", flags.tobytes())
+        sizes[split], recall[split] = len(ids), float(flags.mean())
+    meta = {"vocab_size": (enc.n_vocab + 63) // 64 * 64, "n_vocab": enc.n_vocab,
+            "tokenizer": "synth", "pat_str": PAT_STR, "n_tokens": sizes,
+            "recall_frac": recall, "seed": seed}
+    write(out_dir / "meta.json", json.dumps(meta, indent=1).encode())
+    return meta
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    meta = prepare()
+    print(f"wrote {Path(__file__).parent} in {time.time() - t0:.1f}s")
+    for split, n in meta["n_tokens"].items():
+        print(f"{split}: {n:,} tokens, {meta['recall_frac'][split]:.1%} recall answers")
+    print(f"vocab: {meta['n_vocab']} tokens, padded to {meta['vocab_size']}")

@@ -1,0 +1,408 @@
+"""
+Self-Optimizing Language Models (SOL), in one file.
+
+A frozen GPT whose every decode step takes one efficiency action per batch row -- the fraction
+of past tokens attention keeps (keep), the fraction of gated-MLP channels kept (prune) and the
+bit-width of the MLP output (bits) -- and the small causal-transformer policy that picks those
+actions. The episode runner at the bottom decodes a teacher-forced episode under any scheduler:
+the policy, dense, or static allocation.
+"""
+import copy
+import itertools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# configs
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256
+    vocab_size: int = 512
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_hidden: int = 384  # gated MLP width, ~8/3 of 4*n_embd as in SwiGLU models
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class ActionConfig:
+    # the grid is the product of these three lists; each must contain its dense value (1, 1, 16).
+    # The reference uses 0.1..1.0 step 0.1, 0.40..1.00 step 0.05 and 5..16 (1560 actions);
+    # these coarser lists (80 actions) learn in minutes on a CPU.
+    keep: tuple = (0.1, 0.25, 0.5, 0.75, 1.0)
+    prune: tuple = (0.4, 0.6, 0.8, 1.0)
+    bits: tuple = (5, 8, 12, 16)
+    criterion: str = "quest"  # recency | relevancy | relevancy_layer | quest
+    sinks: int = 4  # first positions always attended
+    window: int = 2  # last positions always attended (plus the query itself)
+    page_size: int = 8  # quest page size
+
+
+@dataclass
+class PolicyConfig:
+    width: int = 64
+    n_head: int = 4
+    n_layer: int = 1
+    act_emb: int = 32
+    scalar_hidden: int = 32
+    max_steps: int = 64  # longest rollout the position embedding covers
+    temperature: float = 1.3  # sampling temperature of the rollouts
+
+
+CRITERIA = ("recency", "relevancy", "relevancy_layer", "quest")
+
+# -----------------------------------------------------------------------------
+# the three efficiency knobs
+
+
+def topn_mask(score, n):
+    """Boolean mask of the n[r] largest entries along the last dim of score (N, ..., M), per row r."""
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    kept = torch.arange(score.size(-1), device=score.device) < n.view(-1, *[1] * (score.dim() - 1))
+    return torch.zeros_like(order, dtype=torch.bool).scatter(-1, order, kept.expand_as(order))
+
+
+def fake_quant(x, bits):
+    """Symmetric per-token absmax fake quantization of x (N, T, C) to bits[r] bits per row; 16 = identity."""
+    bits = bits.view(-1, *[1] * (x.dim() - 1))
+    qmax = 2.0 ** (bits - 1) - 1
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax  # clamp: an all-zero token stays 0
+    xq = (x / scale).round().clamp(-qmax, qmax) * scale
+    return torch.where(bits >= 16, x, xq)
+
+
+def controllable(past, acfg):
+    """A step is controllable ("eff") only if there are past keys beyond the sinks and window."""
+    return past > acfg.sinks + acfg.window + 1
+
+
+def sparse_mask(q, k, keep, acfg):
+    """Keys kept by one query per row: q (N, H, 1, hd) at position L-1 over k (N, H, L, hd) -> (N, H, 1, L).
+    Sinks and window are always kept; of the M keys between them a fraction keep[r] is kept."""
+    N, H, L, _ = k.shape
+    Ts, S = acfg.sinks, acfg.page_size
+    M = L - 1 - acfg.window - Ts
+    mask = torch.ones(N, H, 1, L, dtype=torch.bool, device=k.device)
+    if M <= 1:
+        return mask
+    km = k[:, :, Ts:Ts + M]  # (N, H, M, hd) the controllable middle
+    n = torch.ceil(keep * M - 1e-6).long().clamp(1, M)  # -1e-6: 0.3*10 must not round up to 4
+    if acfg.criterion == "recency":
+        keep_mid = topn_mask(torch.arange(M, device=k.device).expand(N, H, 1, M), n)
+    elif acfg.criterion in ("relevancy", "relevancy_layer"):
+        score = q @ km.transpose(-2, -1)  # (N, H, 1, M) attention logits
+        if acfg.criterion == "relevancy_layer":
+            score = score.mean(1, keepdim=True).expand(N, H, 1, M)
+        keep_mid = topn_mask(score, n)
+    elif acfg.criterion == "quest":
+        P = math.ceil(M / S)
+        pad = km[:, :, -1:].expand(N, H, P * S - M, -1)  # repeating the last key leaves max/min unchanged
+        pages = torch.cat([km, pad], 2).view(N, H, P, S, -1)
+        kmax, kmin = pages.amax(3), pages.amin(3)  # (N, H, P, hd)
+        score = torch.maximum(q * kmax, q * kmin).sum(-1)  # (N, H, P) upper bound of q.k in the page
+        n_pages = torch.ceil(keep * M / S - 1e-6).long().clamp(1, P)
+        keep_mid = topn_mask(score, n_pages).repeat_interleave(S, -1)[..., :M].unsqueeze(2)
+    else:
+        raise ValueError(f"unknown attention criterion {acfg.criterion!r}; use one of {', '.join(CRITERIA)}")
+    mask[..., Ts:Ts + M] = keep_mid
+    return mask
+
+
+class Grid(NamedTuple):
+    values: torch.Tensor  # (A, 3) keep, prune, bits of every action
+    budget: torch.Tensor  # (A, 3) the same as fractions of the dense action: keep, prune, bits/16
+    dense: int  # index of the dense action
+    tags: list  # readable names, e.g. k050-s070-q8
+
+
+def action_grid(acfg):
+    values = torch.tensor(list(itertools.product(acfg.keep, acfg.prune, acfg.bits)), dtype=torch.float32)
+    top = torch.tensor([1.0, 1.0, 16.0])
+    hits = (values == top).all(1).nonzero()
+    if len(hits) != 1:
+        raise ValueError("the action grid must contain the dense action exactly once: keep 1.0, prune 1.0 and bits 16 each once")
+    if values.min() <= 0 or (values > top).any():
+        raise ValueError("action grid values must lie in keep (0, 1], prune (0, 1], bits [2, 16]")
+    tags = [f"k{round(k * 100):03d}-s{round(p * 100):03d}-q{int(b)}" for k, p, b in values.tolist()]
+    return Grid(values, values / top, int(hits[0]), tags)
+
+# -----------------------------------------------------------------------------
+# the GPT
+
+
+class KVCache:
+    """Keys and values of every layer for N rows and up to `size` positions, filled left to right."""
+
+    def __init__(self, n_layer, N, n_head, size, head_dim, device):
+        self.k = torch.zeros(n_layer, N, n_head, size, head_dim, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.len = 0
+
+    def repeat(self, K):
+        """Each row K times (rows r*K .. r*K+K-1), for the K rollouts of one sequence."""
+        c = copy.copy(self)
+        c.k, c.v = self.k.repeat_interleave(K, 1), self.v.repeat_interleave(K, 1)
+        return c
+
+
+def rope_tables(T, head_dim, theta):
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    f = torch.outer(torch.arange(T).float(), inv_freq)
+    return f.cos(), f.sin()  # (T, head_dim/2)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+def attention(q, k, v, mask=None, fused=True):
+    """Softmax attention of q (B, H, Tq, hd) over k, v (B, H, Tk, hd); mask is boolean (True = attend),
+    broadcast to (B, H, Tq, Tk), None = plain causal. The fused path is one scaled_dot_product_attention
+    call with causality and sparsity in the same mask (no Triton, CPU or CUDA); the manual path is the same math."""
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    if mask is None:
+        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+    att = att.masked_fill(~mask, float("-inf"))
+    return F.softmax(att, dim=-1) @ v
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        self.proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.fused = True
+
+    def forward(self, x, rope=None, cache=None, layer=0, act=None, acfg=None):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in self.qkv(x).split(C, 2))  # (B, H, T, hd)
+        start = cache.len if cache is not None else 0
+        if rope is not None:
+            cos, sin = rope[0][start:start + T], rope[1][start:start + T]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
+        if cache is not None:
+            cache.k[layer, :, :, start:start + T], cache.v[layer, :, :, start:start + T] = k, v
+            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]  # (B, H, L, hd)
+            pos = torch.arange(start + T, device=x.device)
+            mask = pos[None, :] <= pos[start:, None]  # (T, L) causal, offset by the cached prefix
+            if act is not None:
+                assert T == 1, "efficiency actions apply to single-token decode steps"
+                mask = mask & sparse_mask(q, k, act[:, 0], acfg)
+        y = attention(q, k, v, mask, self.fused)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, n_embd, hidden):
+        super().__init__()
+        self.gate = nn.Linear(n_embd, hidden, bias=False)
+        self.up = nn.Linear(n_embd, hidden, bias=False)
+        self.down = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, x, act=None):
+        h = F.silu(self.gate(x)) * self.up(x)  # (B, T, hidden)
+        if act is None:
+            return self.down(h)
+        n = torch.ceil(act[:, 1] * h.size(-1) - 1e-6).long()
+        h = h * topn_mask(h.abs(), n)  # structured pruning: keep the largest |activation| channels
+        return fake_quant(self.down(h), act[:, 2])
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd, n_head, hidden):
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(n_embd), RMSNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head)
+        self.mlp = GatedMLP(n_embd, hidden)
+
+    def forward(self, x, rope=None, cache=None, layer=0, act=None, acfg=None):
+        x = x + self.attn(self.norm1(x), rope, cache, layer, act, acfg)
+        return x + self.mlp(self.norm2(x), act)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg.n_embd, cfg.n_head, cfg.mlp_hidden) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        for name, t in zip(("cos", "sin"), rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta)):
+            self.register_buffer(name, t, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("proj.weight", "down.weight")):  # scaled residual init, as GPT-2
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def new_cache(self, N, size):
+        c = self.cfg
+        return KVCache(c.n_layer, N, c.n_head, size, c.n_embd // c.n_head, self.lm_head.weight.device)
+
+    def forward(self, idx, cache=None, act=None, acfg=None):
+        """idx (B, T) -> logits (B, T, V) and final hidden states (B, T, C). With a cache the T tokens are
+        appended after the cached ones; act (B, 3) is one (keep, prune, bits) action per row, T must be 1."""
+        start = cache.len if cache is not None else 0
+        assert start + idx.size(1) <= self.cfg.block_size, "sequence longer than block_size"
+        x = self.wte(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, (self.cos, self.sin), cache, i, act, acfg)
+        if cache is not None:
+            cache.len += idx.size(1)
+        h = self.norm(x)
+        return self.lm_head(h), h
+
+# -----------------------------------------------------------------------------
+# the policy
+
+
+class Policy(nn.Module):
+    """A small causal transformer over decode steps. Step t sees h(t-1), e(x_t), 8 budget scalars and
+    the previous action; it outputs logits over the whole action grid."""
+
+    def __init__(self, pcfg, d_lm, n_actions):
+        super().__init__()
+        self.pcfg, self.n_actions = pcfg, n_actions
+        self.scalars = nn.Sequential(nn.Linear(8, pcfg.scalar_hidden), nn.GELU(), nn.Linear(pcfg.scalar_hidden, pcfg.scalar_hidden))
+        self.act_emb = nn.Embedding(n_actions + 1, pcfg.act_emb)  # index n_actions is BOS
+        self.inp = nn.Linear(2 * d_lm + pcfg.scalar_hidden + pcfg.act_emb, pcfg.width)
+        self.pos = nn.Embedding(pcfg.max_steps, pcfg.width)
+        self.blocks = nn.ModuleList(Block(pcfg.width, pcfg.n_head, 4 * pcfg.width) for _ in range(pcfg.n_layer))
+        self.norm = RMSNorm(pcfg.width)
+        self.head = nn.Linear(pcfg.width, n_actions)
+        self.budget_head = nn.Linear(3, n_actions)  # lets the targets shift the logits directly
+
+    def new_cache(self, N):
+        p = self.pcfg
+        return KVCache(p.n_layer, N, p.n_head, p.max_steps, p.width // p.n_head, self.head.weight.device)
+
+    def forward(self, h_prev, emb, scalars, prev_action, cache=None):
+        """(N, T, .) step inputs -> (N, T, A) logits. With a cache the T steps are appended (decoding);
+        without, the whole sequence runs at once under a causal mask (training). Both agree."""
+        start = cache.len if cache is not None else 0
+        x = torch.cat([h_prev, emb, self.scalars(scalars), self.act_emb(prev_action)], -1)
+        x = self.inp(x) + self.pos(torch.arange(start, start + x.size(1), device=x.device))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None, cache, i)
+        if cache is not None:
+            cache.len += x.size(1)
+        return self.head(self.norm(x)) + self.budget_head(scalars[..., 2:5])
+
+
+def matmul_flops(module, context, n_layer, d_attn):
+    """Forward FLOPs of one decode step: 2 per linear weight, plus q.k and att.v over `context` keys."""
+    linear = sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+    return 2 * linear + 4 * n_layer * d_attn * context
+
+# -----------------------------------------------------------------------------
+# one episode runner, many schedulers
+
+
+@torch.no_grad()
+def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=None, keep_logprobs=False):
+    """Teacher-forced decode of T controlled steps under a schedule.
+    cache: the LM's KV cache after a dense prefill of the context (N rows); h0 (N, C): its last hidden state.
+    x (N, T+1): step t feeds x[:, t] and scores x[:, t+1]. target (N, 3): requested budget fractions.
+    scheduler(t, obs) -> (N,) action indices. Returns the log-probs of the true tokens, the actions, the
+    policy inputs of every step (to replay them at training time) and the achieved budget per row.
+    ref_logprobs (N, T, V): the dense run's log-probs, to add KL(p_dense || p_sparse) per step."""
+    N, T = x.size(0), x.size(1) - 1
+    h, prev = h0, torch.full((N,), len(grid.tags), dtype=torch.long, device=x.device)  # BOS action
+    spent, n_eff = torch.zeros(N, 3, device=x.device), 0
+    out = {k: [] for k in ("h_prev", "emb", "scalars", "prev_action", "action", "logp", "kl", "logprobs")}
+    for t in range(T):
+        eff = controllable(cache.len, acfg)
+        dev = spent / n_eff - target if n_eff else torch.zeros_like(target)  # running mean minus target
+        scalars = torch.cat([torch.full((N, 2), float(eff), device=x.device), target, dev], 1)
+        scalars[:, 0] = t / T
+        obs = dict(h_prev=h, emb=model.wte(x[:, t]), scalars=scalars, prev_action=prev)
+        a = scheduler(t, obs)
+        logits, hs = model(x[:, t:t + 1], cache, grid.values[a] if eff else None, acfg)
+        logprobs = F.log_softmax(logits[:, -1].float(), -1)  # (N, V)
+        if eff:
+            spent, n_eff = spent + grid.budget[a], n_eff + 1
+        for k, val in obs.items():
+            out[k].append(val)
+        out["action"].append(a)
+        out["logp"].append(logprobs.gather(1, x[:, t + 1:t + 2])[:, 0])
+        if ref_logprobs is not None:  # KL(p_dense || p_sparse) at this step
+            out["kl"].append((ref_logprobs[:, t].exp() * (ref_logprobs[:, t] - logprobs)).sum(-1))
+        if keep_logprobs:
+            out["logprobs"].append(logprobs)
+        h, prev = hs[:, -1], a
+    out = {k: torch.stack(v, 1) for k, v in out.items() if v}  # each (N, T, ...)
+    out["achieved"] = spent / max(n_eff, 1)  # (N, 3) mean budget over controllable steps
+    out["n_eff"] = n_eff
+    return out
+
+
+def dense_scheduler(grid):
+    return lambda t, obs: torch.full((obs["emb"].size(0),), grid.dense, dtype=torch.long, device=obs["emb"].device)
+
+
+def static_scheduler(acfg, achieved):
+    """The same setting every step: on each axis, the two grid values around the requested budget
+    fraction, mixed in a fixed round-robin (over all rows and steps) so their average hits it."""
+    top = (1.0, 1.0, 16.0)
+    plans = []
+    for axis, values in enumerate((acfg.keep, acfg.prune, acfg.bits)):
+        fracs = sorted(v / top[axis] for v in values)
+        b = min(max(float(achieved[axis]), fracs[0]), fracs[-1])
+        i = max(j for j in range(len(fracs)) if fracs[j] <= b + 1e-9)
+        j = min(i + 1, len(fracs) - 1)
+        f = 0.0 if j == i else (b - fracs[i]) / (fracs[j] - fracs[i])  # share of steps at the upper value
+        plans.append((list(values), sorted(values)[i], sorted(values)[j], f))
+
+    def pick(t, obs):
+        N = obs["emb"].size(0)
+        n = torch.arange(N, device=obs["emb"].device) * 1_000_003 + t  # spread rows over the cycle
+        a = torch.zeros(N, dtype=torch.long, device=n.device)
+        for values, lo, hi, f in plans:
+            upper = torch.floor((n + 1) * f) > torch.floor(n * f)
+            a = a * len(values) + torch.where(upper, values.index(hi), values.index(lo))
+        return a
+    return pick
+
+
+def policy_scheduler(policy, greedy, generator=None):
+    """The learned schedule: sample (training rollouts) or take the argmax (evaluation)."""
+    cache = None
+
+    def pick(t, obs):
+        nonlocal cache
+        if t == 0:
+            cache = policy.new_cache(obs["emb"].size(0))
+        logits = policy(*(obs[k][:, None] for k in ("h_prev", "emb", "scalars", "prev_action")), cache)[:, -1]
+        if greedy:
+            return logits.argmax(-1)
+        probs = F.softmax(logits.float() / policy.pcfg.temperature, -1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return pick

@@ -1,0 +1,205 @@
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import sol  # noqa: E402
+
+CFG = sol.GPTConfig(block_size=96, vocab_size=64, n_layer=2, n_head=4, n_embd=32, mlp_hidden=48)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return sol.GPT(CFG).eval()
+
+
+def decode(model, x, C, actions=None, acfg=None):
+    """Prefill x[:, :C], then decode the rest one token at a time; returns (N, T, V) step logits."""
+    cache = model.new_cache(x.size(0), x.size(1))
+    model(x[:, :C], cache)
+    out = []
+    for t in range(C, x.size(1)):
+        act = None if actions is None else actions[:, t - C]
+        out.append(model(x[:, t:t + 1], cache, act, acfg)[0][:, -1])
+    return torch.stack(out, 1)
+
+
+@torch.no_grad()
+def test_dense_action_reproduces_plain_forward(model):
+    acfg = sol.ActionConfig()
+    grid = sol.action_grid(acfg)
+    assert grid.tags[grid.dense] == "k100-s100-q16"
+    x = torch.randint(0, CFG.vocab_size, (3, 60))
+    dense = grid.values[grid.dense].expand(3, 10, 3)
+    for criterion in sol.CRITERIA:
+        acfg.criterion = criterion
+        assert torch.equal(decode(model, x, 50, dense, acfg), decode(model, x, 50))
+    full, _ = model(x)
+    torch.testing.assert_close(decode(model, x, 50), full[:, 50:], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_fused_attention_matches_manual(model):
+    torch.manual_seed(1)
+    q, k, v = torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 8)
+    torch.testing.assert_close(sol.attention(q, k, v, None, True), sol.attention(q, k, v, None, False))
+    mask = torch.rand(3, 2, 5, 5) > 0.5
+    mask[..., 0] = True  # every query attends somewhere
+    torch.testing.assert_close(sol.attention(q, k, v, mask, True), sol.attention(q, k, v, mask, False))
+    # and through the whole model, sparse actions included
+    acfg, grid = sol.ActionConfig(), sol.action_grid(sol.ActionConfig())
+    x = torch.randint(0, CFG.vocab_size, (4, 70))
+    actions = grid.values[torch.randint(0, len(grid.tags), (4, 10))]
+    fused = decode(model, x, 60, actions, acfg)
+    for m in model.modules():
+        if isinstance(m, sol.CausalSelfAttention):
+            m.fused = False
+    torch.testing.assert_close(decode(model, x, 60, actions, acfg), fused, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("criterion", sol.CRITERIA)
+@pytest.mark.parametrize("L", [8, 9, 30, 77])
+def test_sparse_mask_counts_sinks_window(criterion, L):
+    torch.manual_seed(L)
+    acfg = sol.ActionConfig(criterion=criterion)
+    N, H = 6, 3
+    q, k = torch.randn(N, H, 1, 16), torch.randn(N, H, L, 16)
+    keep = torch.tensor([0.1, 0.25, 0.3, 0.5, 0.75, 1.0])
+    mask = sol.sparse_mask(q, k, keep, acfg)
+    assert mask.shape == (N, H, 1, L)  # keys past the query do not exist: causality by construction
+    Ts, Tw = acfg.sinks, acfg.window
+    M = L - 1 - Tw - Ts
+    if M <= 1:
+        assert mask.all() and not sol.controllable(L - 1, acfg)
+        return
+    assert sol.controllable(L - 1, acfg)
+    assert mask[..., :Ts].all() and mask[..., L - 1 - Tw:].all()  # sinks, window and the query itself
+    kept = mask[..., Ts:Ts + M].sum(-1)[..., 0]  # (N, H)
+    for r in range(N):
+        if criterion == "quest":
+            S = acfg.page_size
+            pages = min(max(math.ceil(round(keep[r].item() * M / S, 4)), 1), math.ceil(M / S))
+            # whole pages are kept; only the last page may be shorter than S
+            assert ((kept[r] <= pages * S) & (kept[r] >= (pages - 1) * S + 1)).all()
+        else:
+            assert (kept[r] == max(1, math.ceil(round(keep[r].item() * M, 4)))).all()
+    if criterion == "recency":  # the kept middle keys are the most recent ones
+        n = kept[0, 0].item()
+        assert mask[0, 0, 0, Ts + M - n:Ts + M].all()
+    if criterion == "relevancy_layer":  # one set of keys for all heads of a layer
+        assert (mask == mask[:, :1]).all()
+
+
+def test_quest_keeps_the_page_with_the_best_key():
+    acfg = sol.ActionConfig(criterion="quest")
+    L, hd = 60, 8
+    k = torch.randn(1, 1, L, hd) * 0.1
+    q = torch.ones(1, 1, 1, hd)
+    k[0, 0, 30] = 5.0  # one key with a large q.k, in page (30 - 4) // 8 = 3
+    mask = sol.sparse_mask(q, k, torch.tensor([0.1]), acfg)
+    assert mask[0, 0, 0, 30] and mask[0, 0, 0, 4 + 3 * 8:4 + 4 * 8].all()
+
+
+@torch.no_grad()
+def test_rows_are_independent(model):
+    acfg, grid = sol.ActionConfig(), sol.action_grid(sol.ActionConfig())
+    x = torch.randint(0, CFG.vocab_size, (4, 60))
+    actions = grid.values[torch.randint(0, len(grid.tags), (4, 8))]
+    a = decode(model, x, 52, actions, acfg)
+    x2, actions2 = x.clone(), actions.clone()
+    x2[1:] = torch.randint(0, CFG.vocab_size, (3, 60))
+    actions2[1:] = grid.values[torch.randint(0, len(grid.tags), (3, 8))]
+    b = decode(model, x2, 52, actions2, acfg)
+    torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=1e-6)
+
+
+def test_topn_and_mlp_pruning_keep_the_right_channels():
+    torch.manual_seed(0)
+    mlp = sol.GatedMLP(16, 40)
+    x = torch.randn(4, 1, 16)
+    prune = torch.tensor([0.4, 0.55, 0.8, 1.0])
+    act = torch.stack([torch.ones(4), prune, torch.full((4,), 16.0)], 1)
+    h = F.silu(mlp.gate(x)) * mlp.up(x)
+    kept = sol.topn_mask(h.abs(), torch.ceil(prune * 40 - 1e-6).long())
+    assert kept.sum(-1).flatten().tolist() == [16, 22, 32, 40]
+    # kept channels are the largest ones
+    for r in range(3):
+        assert h[r].abs()[kept[r]].min() >= h[r].abs()[~kept[r]].max()
+    torch.testing.assert_close(mlp(x, act), mlp.down(h * kept))
+    # ties (an all-zero row) still keep exactly n
+    assert sol.topn_mask(torch.zeros(2, 10), torch.tensor([3, 7])).sum(-1).tolist() == [3, 7]
+
+
+def test_fake_quant_error_and_identity():
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 64) * torch.tensor([1e-3, 1.0, 10.0, 1e4, 0.0]).view(5, 1, 1)
+    for b in range(2, 17):
+        bits = torch.full((5,), float(b))
+        xq = sol.fake_quant(x, bits)
+        assert torch.isfinite(xq).all()
+        if b == 16:
+            assert torch.equal(xq, x)
+            continue
+        step = x.abs().amax(-1, keepdim=True) / (2 ** (b - 1) - 1)
+        assert ((xq - x).abs() <= step / 2 + 1e-6 * x.abs().amax(-1, keepdim=True)).all()
+        assert (xq[4] == 0).all()  # an all-zero row stays zero
+        assert len(torch.unique(xq[1, 0])) <= 2 ** b - 1
+
+
+@torch.no_grad()
+def test_policy_step_matches_sequence_forward():
+    torch.manual_seed(0)
+    pcfg = sol.PolicyConfig(width=32, n_head=4, n_layer=2)
+    policy = sol.Policy(pcfg, 24, 80).eval()
+    N, T = 3, 7
+    inputs = (torch.randn(N, T, 24), torch.randn(N, T, 24), torch.randn(N, T, 8), torch.randint(0, 81, (N, T)))
+    full = policy(*inputs)
+    cache = policy.new_cache(N)
+    steps = torch.cat([policy(*(v[:, t:t + 1] for v in inputs), cache) for t in range(T)], 1)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+    # the targets move the logits through the budget head
+    moved = inputs[2].clone()
+    moved[..., 2:5] += 0.5
+    assert not torch.allclose(policy(inputs[0], inputs[1], moved, inputs[3]), full)
+
+
+def test_grid_requires_dense_action():
+    with pytest.raises(ValueError, match="dense action"):
+        sol.action_grid(sol.ActionConfig(keep=(0.1, 0.5)))
+    grid = sol.action_grid(sol.ActionConfig())
+    assert len(grid.tags) == 5 * 4 * 4 and len(set(grid.tags)) == len(grid.tags)
+    assert "k050-s060-q8" in grid.tags
+    torch.testing.assert_close(grid.budget[grid.dense], torch.ones(3))
+
+
+@torch.no_grad()
+def test_rollout_dense_and_static_budgets(model):
+    acfg = sol.ActionConfig()
+    grid = sol.action_grid(acfg)
+    N, C, T = 8, 40, 16
+    x = torch.randint(0, CFG.vocab_size, (N, C + T + 1))
+    target = torch.full((N, 3), 0.5)
+
+    def run(scheduler):
+        cache = model.new_cache(N, C + T)
+        _, h = model(x[:, :C], cache)
+        return sol.rollout(model, cache, h[:, -1], x[:, C:], target, scheduler, grid, acfg)
+
+    dense = run(sol.dense_scheduler(grid))
+    full = F.log_softmax(model(x[:, :-1])[0], -1)[:, C:].gather(-1, x[:, C + 1:, None])[..., 0]
+    torch.testing.assert_close(dense["logp"], full, atol=1e-5, rtol=1e-5)
+    assert torch.equal(dense["achieved"], torch.ones(N, 3))
+    for budget in ([0.5, 0.5, 0.5], [0.3, 0.7, 0.6], [0.1, 0.4, 5 / 16]):
+        static = run(sol.static_scheduler(acfg, budget))
+        torch.testing.assert_close(static["achieved"].mean(0), torch.tensor(budget), atol=0.02, rtol=0)
+        assert (static["logp"] <= dense["logp"].max() + 10).all() and torch.isfinite(static["logp"]).all()
+    # the policy scheduler samples valid actions and records what it saw
+    policy = sol.Policy(sol.PolicyConfig(width=16, n_head=2), CFG.n_embd, len(grid.tags))
+    roll = run(sol.policy_scheduler(policy, greedy=False, generator=torch.Generator().manual_seed(0)))
+    assert roll["action"].shape == (N, T) and roll["action"].max() < len(grid.tags)
+    assert roll["scalars"].shape == (N, T, 8) and torch.equal(roll["prev_action"][:, 1:], roll["action"][:, :-1])

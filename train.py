@@ -1,0 +1,524 @@
+"""
+Train a SOL policy with GRPO on teacher-forced episodes, on top of a frozen GPT.
+
+    python train.py --target_budget 0.5
+    python train.py --dataset shakespeare --target_budget 0.3 --rollouts 8
+    python train.py --help
+
+1. prepare the dataset if its token files are missing;
+2. pretrain the base GPT once per dataset and model config (cached next to the data), then freeze it;
+3. GRPO (METHOD.md section 3): prefill the context densely, run a dense reference and K sampled
+   schedules over the next T tokens, reward the log-probs, penalize missed budgets, update the policy;
+4. evaluate on the test split: SOL (greedy), dense, and static allocation at SOL's achieved budget.
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import sol
+from sol import ActionConfig, GPTConfig, PolicyConfig
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "synth"  # synth | shakespeare | path/to/file.txt
+    out_dir: str = "out"
+    device: str = "auto"  # auto | cpu | cuda | mps
+    seed: int = 1337
+    resume: bool = False  # continue the run saved in out_dir
+    overwrite: bool = False  # start over even if out_dir holds a run
+    pretrain_iters: int = 1000  # base GPT pretraining, done once per dataset and model config
+    pretrain_batch: int = 16
+    pretrain_lr: float = 3e-3
+    eval_episodes: int = 256  # held-out episodes of the final evaluation
+    eval_batch: int = 128
+
+
+@dataclass
+class GRPOConfig:
+    max_iters: int = 200
+    batch_size: int = 8  # training sequences per micro-batch
+    rollouts: int = 16  # K schedules per sequence
+    context_len: int = 128  # C, prefilled densely (reference 512)
+    rollout_len: int = 16  # T controlled steps
+    grad_accum: int = 1
+    # budgets: --target_budget X sets keep*=X, prune*=X, bits*=16X; the target_* flags override one axis.
+    # An axis whose grid list holds only its dense value (e.g. --bits=16) is off: held dense.
+    target_budget: float = 0.5
+    target_keep: float = None
+    target_prune: float = None
+    target_bits: float = None
+    sample_budgets: bool = False  # draw targets per sequence from the ranges below instead
+    keep_range: tuple = (0.1, 1.0)
+    prune_range: tuple = (0.4, 1.0)
+    bits_range: tuple = (5.0, 16.0)
+    # reward, return, advantage
+    task_w_kl: float = 0.0  # r_t = (1-w) log p_sparse - w KL(p_dense || p_sparse)
+    reward_agg: str = "sum"  # sum | max
+    gamma: float = 0.85
+    adv_level: str = "process"  # process | outcome
+    adv_norm: str = "center"  # center | zscore, over the K rollouts of one sequence
+    whiten: bool = True  # whiten advantages over the batch
+    alpha_keep: float = 100.0
+    alpha_prune: float = 100.0
+    alpha_bits: float = 200.0
+    budget_tol: float = 0.02
+    # update
+    clip_eps: float = 0.2
+    ppo_epochs: int = 1
+    ent_coef: float = 0.05
+    kl_coef: float = 0.0  # KL to a frozen copy of the initial policy
+    lr: float = 1e-3  # reference 1e-4 over far longer runs
+    grad_clip: float = 2.0
+    ckpt_interval: int = 50
+
+
+CHOICES = {"reward_agg": ("sum", "max"), "adv_level": ("process", "outcome"), "adv_norm": ("center", "zscore"),
+           "criterion": sol.CRITERIA, "device": ("auto", "cpu", "cuda", "mps")}
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+# -----------------------------------------------------------------------------
+# command line: every config field is a flag, --name=value or --name value
+
+
+def parse_value(name, text, default):
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if isinstance(default, tuple):
+            kind = type(default[0])
+            return tuple(kind(v) for v in text.split(","))
+        if default is None:
+            return None if text.lower() == "none" else float(text)
+        return type(default)(text)
+    except ValueError:
+        kind = "true/false" if isinstance(default, bool) else "a comma list" if isinstance(default, tuple) else \
+            "a number" if default is None else type(default).__name__
+        raise UsageError(f"--{name}={text!r} is not {kind}; e.g. --{name}={default if default is not None else 0.5}")
+
+
+def parse_args(argv, cfgs):
+    flags = {f.name: cfg for cfg in cfgs for f in fields(cfg) if f.name != "vocab_size"}
+    if any(a in ("-h", "--help") for a in argv):
+        for cfg in cfgs:
+            print(f"{type(cfg).__name__}:")
+            for f in fields(cfg):
+                if f.name in flags:
+                    print(f"  --{f.name}={getattr(cfg, f.name)}")
+        sys.exit(0)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise UsageError(f"unexpected argument {arg!r}; options look like --name=value (see --help)")
+        name, eq, text = arg[2:].partition("=")
+        if name not in flags:
+            raise UsageError(f"unknown option --{name}; see python train.py --help for the list")
+        default = getattr(flags[name], name)
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                i, text = i + 1, argv[i + 1]
+            elif isinstance(default, bool):
+                text = "true"
+            else:
+                raise UsageError(f"--{name} needs a value, e.g. --{name}={default}")
+        setattr(flags[name], name, parse_value(name, text, default))
+        i += 1
+
+
+def targets(g, acfg):
+    """The requested budget per axis as fractions of dense (keep, prune, bits/16); None for an axis held dense."""
+    asked = (g.target_keep if g.target_keep is not None else g.target_budget,
+             g.target_prune if g.target_prune is not None else g.target_budget,
+             g.target_bits / 16 if g.target_bits is not None else g.target_budget)
+    out = []
+    for name, value, grid in zip(("keep", "prune", "bits"), asked, (acfg.keep, acfg.prune, acfg.bits)):
+        lo = min(grid) / (16 if name == "bits" else 1)
+        if not 0 < value <= 1:
+            raise UsageError(f"the {name} target must lie in (0, 1] (bits: in (0, 16]), got {value}; e.g. --target_budget=0.5")
+        if value < lo - 1e-9 and len(grid) > 1:
+            raise UsageError(f"the {name} target {value:g} is below the grid's cheapest {name} {lo:g}; raise it or extend --{name}")
+        out.append(value if len(grid) > 1 else None)
+    return out
+
+
+def validate(tc, g, gcfg, acfg, pcfg):
+    for cfg in (tc, g, acfg):
+        for name, allowed in CHOICES.items():
+            if hasattr(cfg, name) and getattr(cfg, name) not in allowed:
+                raise UsageError(f"--{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
+    if g.rollouts < 2:
+        raise UsageError("GRPO compares rollouts of the same sequence, so --rollouts must be at least 2")
+    positive = ("max_iters", "batch_size", "context_len", "rollout_len", "grad_accum", "ppo_epochs", "ckpt_interval")
+    for name in positive:
+        if getattr(g, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(g, name)}")
+    for name in ("pretrain_batch", "eval_episodes", "eval_batch"):
+        if getattr(tc, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(tc, name)}")
+    if g.context_len + g.rollout_len > gcfg.block_size:
+        raise UsageError(f"context_len + rollout_len = {g.context_len + g.rollout_len} exceeds the model's block_size "
+                         f"{gcfg.block_size}; lower --context_len or raise --block_size")
+    if g.rollout_len > pcfg.max_steps:
+        raise UsageError(f"--rollout_len={g.rollout_len} exceeds the policy's --max_steps={pcfg.max_steps}; raise --max_steps")
+    if not (min(acfg.bits) >= 2 and 0 < min(acfg.keep) and 0 < min(acfg.prune)):
+        raise UsageError("grid values must be positive and bits at least 2; see --keep, --prune, --bits")
+    if gcfg.n_embd % gcfg.n_head or pcfg.width % pcfg.n_head:
+        raise UsageError("--n_embd must be divisible by --n_head, and --width by the policy's n_head")
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def load_dataset(name):
+    """Token splits of a dataset, prepared on first use: returns (data_dir, meta, {split: uint16 memmap})."""
+    if name == "synth":
+        from data.synth.prepare import prepare
+        data_dir = ROOT / "data" / "synth"
+        if not (data_dir / "meta.json").exists():
+            print("preparing the synthetic corpus (once) ...")
+            prepare(data_dir)
+    elif name == "shakespeare":
+        from data.shakespeare.prepare import prepare
+        data_dir = ROOT / "data" / "shakespeare"
+        if not (data_dir / "meta.json").exists():
+            prepare(data_dir)
+    elif name.endswith(".txt") or os.path.sep in name:
+        from data.text import prepare_text
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise UsageError(f"dataset file {name} does not exist; pass an existing .txt file, or --dataset=synth")
+        digest = hashlib.sha1(path.read_bytes()).hexdigest()[:10]
+        data_dir = ROOT / "data" / "cache" / f"{path.stem}-{digest}"
+        if not (data_dir / "meta.json").exists():
+            prepare_text(path, data_dir)
+    else:
+        raise UsageError(f"unknown dataset {name!r}; use synth, shakespeare, or a path to a .txt file")
+    meta = json.loads((data_dir / "meta.json").read_text())
+    splits = {s: np.memmap(data_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val", "test")}
+    return data_dir, meta, splits
+
+
+def episodes(data, n, length):
+    """n evenly spaced windows of `length` tokens (fixed held-out episodes)."""
+    starts = np.linspace(0, len(data) - length, n).astype(np.int64)
+    return torch.from_numpy(np.stack([data[s:s + length].astype(np.int64) for s in starts]))
+
+
+def random_windows(data, n, length, rng):
+    starts = rng.integers(0, len(data) - length + 1, n)
+    return torch.from_numpy(np.stack([data[s:s + length].astype(np.int64) for s in starts]))
+
+# -----------------------------------------------------------------------------
+# checkpoints: written to a temporary file, then renamed, so a crash never leaves half a file
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, what):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"cannot read the {what} checkpoint {path} ({type(e).__name__}); delete it to start over")
+
+
+def pretrain(model, splits, tc, device):
+    """Next-token pretraining of the base GPT on random windows of the train split."""
+    rng = np.random.default_rng(tc.seed)
+    T = model.cfg.block_size
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, tc.pretrain_iters // 20)
+    model.train()
+    pbar = tqdm(range(tc.pretrain_iters), desc="pretrain", dynamic_ncols=True)
+    for it in pbar:
+        lr = tc.pretrain_lr * min(1, (it + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * it / tc.pretrain_iters))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = random_windows(splits["train"], tc.pretrain_batch, T + 1, rng).to(device)
+        logits, _ = model(x[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if it % 20 == 0:
+            pbar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+    model.eval()
+    with torch.no_grad():
+        x = episodes(splits["val"], 32, T + 1).to(device)
+        logits, _ = model(x[:, :-1])
+        val = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item()
+    print(f"base GPT: val loss {val:.4f} (ppl {math.exp(val):.2f})")
+    return val
+
+# -----------------------------------------------------------------------------
+# GRPO pieces, in the order of METHOD.md section 3
+
+
+def sample_targets(g, fixed, n, rng):
+    """(n, 3) budget fractions: the fixed targets, or a fresh draw per sequence from the ranges."""
+    t = torch.tensor([1.0 if v is None else v for v in fixed]).repeat(n, 1)
+    if g.sample_budgets:
+        for axis, (lo, hi) in enumerate((g.keep_range, g.prune_range, (g.bits_range[0] / 16, g.bits_range[1] / 16))):
+            if fixed[axis] is not None:
+                t[:, axis] = torch.from_numpy(rng.uniform(lo, hi, n)).float()
+    return t
+
+
+def returns(r, g):
+    """G_t = r_t + gamma G_{t+1} ("sum") or max(r_t, gamma G_{t+1}) ("max"); r (N, T)."""
+    G, nxt = torch.zeros_like(r), None
+    for t in reversed(range(r.size(1))):
+        if nxt is None:
+            nxt = r[:, t]
+        elif g.reward_agg == "sum":
+            nxt = r[:, t] + g.gamma * nxt
+        else:
+            nxt = torch.maximum(r[:, t], g.gamma * nxt)
+        G[:, t] = nxt
+    return G
+
+
+def budget_penalty(achieved, target, enabled, g):
+    """Per rollout: sum over axes of alpha * max(|achieved - target| - tol, 0)^2."""
+    alpha = torch.tensor([g.alpha_keep, g.alpha_prune, g.alpha_bits]) * torch.tensor(enabled, dtype=torch.float32)
+    cost = ((achieved - target).abs() - g.budget_tol).clamp_min(0) ** 2
+    return (cost * alpha.to(cost.device)).sum(-1)
+
+
+def advantages(G, B, K, g):
+    """Group-relative advantages: compare each rollout with the K rollouts of the same sequence."""
+    A = G[:, :1].expand_as(G) if g.adv_level == "outcome" else G  # (B*K, T)
+    A = A.reshape(B, K, -1)
+    A = A - A.mean(1, keepdim=True)
+    if g.adv_norm == "zscore":
+        A = A / (A.std(1, keepdim=True) + 1e-8)
+    A = A.reshape(B * K, -1)
+    return (A - A.mean()) / (A.std() + 1e-8) if g.whiten else A
+
+
+def policy_logprobs(policy, roll):
+    """Replay the recorded steps through the policy in one causal forward: log pi(a_t) and entropy, (N, T)."""
+    logits = policy(roll["h_prev"], roll["emb"], roll["scalars"], roll["prev_action"]) / policy.pcfg.temperature
+    logp_all = F.log_softmax(logits.float(), -1)
+    return logp_all.gather(-1, roll["action"][..., None])[..., 0], -(logp_all.exp() * logp_all).sum(-1), logp_all
+
+
+def prefill(model, x, C, T):
+    """Dense prefill of the context x[:, :C]; returns the KV cache and the last hidden state."""
+    cache = model.new_cache(x.size(0), C + T)
+    _, h = model(x[:, :C], cache)
+    return cache, h[:, -1]
+
+# -----------------------------------------------------------------------------
+# evaluation: SOL, dense, and static at SOL's achieved budget, on the same held-out episodes
+
+
+@torch.no_grad()
+def run_schedule(model, eps, target, make_scheduler, grid, acfg, C, batch):
+    """Per-episode mean NLL over the controlled steps, and the achieved budget (fractions of dense)."""
+    T = eps.size(1) - C - 1
+    nll, achieved = [], []
+    for i in range(0, len(eps), batch):
+        x = eps[i:i + batch]
+        cache, h0 = prefill(model, x, C, T)
+        roll = sol.rollout(model, cache, h0, x[:, C:], target.expand(len(x), 3), make_scheduler(), grid, acfg)
+        nll.append(-roll["logp"].mean(1))
+        achieved.append(roll["achieved"] * len(x))
+    return torch.cat(nll), torch.stack(achieved).sum(0) / len(eps)
+
+
+def axes(v):
+    """Budget fractions (keep, prune, bits/16) as reported: bits in bits, None for an axis held dense."""
+    return {name: None if x is None else float(x) * scale for name, x, scale in zip(("keep", "prune", "bits"), v, (1, 1, 16))}
+
+
+def evaluate(model, policy, eps, fixed, grid, acfg, C, batch):
+    """SOL (greedy), dense, and static allocation matched to SOL's achieved budget, on the same episodes."""
+    target = torch.tensor([1.0 if v is None else v for v in fixed], device=eps.device)
+    nll, achieved = run_schedule(model, eps, target, lambda: sol.policy_scheduler(policy, greedy=True), grid, acfg, C, batch)
+    rows = [("sol", fixed, nll, achieved)]
+    nll, dense = run_schedule(model, eps, target, lambda: sol.dense_scheduler(grid), grid, acfg, C, batch)
+    rows.append(("dense", [1.0, 1.0, 1.0], nll, dense))
+    matched = achieved.tolist()
+    nll, static = run_schedule(model, eps, target, lambda: sol.static_scheduler(acfg, matched), grid, acfg, C, batch)
+    rows.append(("static", matched, nll, static))
+    T = eps.size(1) - C - 1
+    return [{"method": m, "target": axes(t), "achieved": axes(a.tolist()), "nll": n.mean().item(),
+             "ppl": math.exp(n.mean().item()), "tokens": n.numel() * T} for m, t, n, a in rows]
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    tc, g, gcfg, acfg, pcfg = TrainConfig(), GRPOConfig(), GPTConfig(), ActionConfig(), PolicyConfig()
+    parse_args(argv, (tc, g, gcfg, acfg, pcfg))
+    grid = sol.action_grid(acfg)
+    fixed = targets(g, acfg)
+    enabled = [v is not None for v in fixed]
+    device = tc.device if tc.device != "auto" else "cuda" if torch.cuda.is_available() else \
+        "mps" if torch.backends.mps.is_available() else "cpu"
+    out_dir = Path(tc.out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
+    if tc.resume and not ckpt_path.exists():
+        raise UsageError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
+    if ckpt_path.exists() and not (tc.resume or tc.overwrite):
+        raise UsageError(f"{out_dir} already holds a run; pass --resume to continue it, --overwrite to start over, or another --out_dir")
+
+    data_dir, meta, splits = load_dataset(tc.dataset)
+    gcfg.vocab_size = meta["vocab_size"]
+    validate(tc, g, gcfg, acfg, pcfg)
+    C, T = g.context_len, g.rollout_len
+    for split, data in splits.items():
+        if len(data) < max(C + T + 1, gcfg.block_size + 1):
+            raise UsageError(f"the {split} split of {tc.dataset} has {len(data)} tokens, fewer than one episode or "
+                             f"pretraining window ({max(C + T + 1, gcfg.block_size + 1)}); use a longer text or a smaller --context_len/--block_size")
+    torch.manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+    print(f"seed {tc.seed} | dataset {tc.dataset} ({', '.join(f'{s} {len(d):,}' for s, d in splits.items())} tokens) | device {device}")
+
+    # 1. the base GPT: pretrained once per dataset and model config, then frozen
+    key = json.dumps([asdict(gcfg), tc.pretrain_iters, tc.pretrain_batch, tc.pretrain_lr, tc.seed], sort_keys=True)
+    base_path = data_dir / f"base-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
+    model = sol.GPT(gcfg).to(device)
+    if base_path.exists():
+        state = load_checkpoint(base_path, "base GPT")
+        if state.get("config") != asdict(gcfg):
+            raise UsageError(f"the base checkpoint {base_path} was made for another model config; delete it to retrain")
+        model.load_state_dict(state["model"])
+        print(f"base GPT: reusing {base_path} (val loss {state['val_loss']:.4f})")
+    else:
+        t0 = time.time()
+        val = pretrain(model, splits, tc, device)
+        save_atomic({"model": model.state_dict(), "config": asdict(gcfg), "val_loss": val}, base_path)
+        print(f"base GPT: saved to {base_path} after {time.time() - t0:.0f} s")
+    model.eval().requires_grad_(False)
+
+    # 2. the policy and its optimizer
+    policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.tags)).to(device)
+    opt = torch.optim.AdamW(policy.parameters(), lr=g.lr, weight_decay=0.0)
+    ref_policy = None
+    config = {"train": asdict(tc), "grpo": asdict(g), "gpt": asdict(gcfg), "action": asdict(acfg), "policy": asdict(pcfg),
+              "base": str(base_path)}
+    start = 0
+    if tc.resume:
+        state = load_checkpoint(ckpt_path, "policy")
+        for part in ("gpt", "action", "policy"):
+            if state["config"][part] != config[part]:
+                diff = [k for k in config[part] if state["config"][part].get(k) != config[part][k]]
+                raise UsageError(f"{ckpt_path} was trained with another {part} config ({', '.join(diff)}); use its settings or a new --out_dir")
+        policy.load_state_dict(state["policy"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["iter"]
+        torch.set_rng_state(state["rng"]["torch"])
+        rng.bit_generator.state = state["rng"]["numpy"]
+        print(f"resuming {ckpt_path} at iteration {start}")
+    if g.kl_coef > 0:
+        ref_policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.tags)).to(device).requires_grad_(False)
+        ref_policy.load_state_dict(state["initial_policy"] if tc.resume else policy.state_dict())
+    initial = {k: v.clone() for k, v in (ref_policy or policy).state_dict().items()}
+    lm_flops = sol.matmul_flops(model, C + T, gcfg.n_layer, gcfg.n_embd)
+    pol_flops = sol.matmul_flops(policy, T, pcfg.n_layer, pcfg.width)
+    print(f"LM {sum(p.numel() for p in model.parameters()):,} params | policy {sum(p.numel() for p in policy.parameters()):,} params "
+          f"| {len(grid.tags)} actions | policy/LM FLOPs per decode step {pol_flops / lm_flops:.1%}")
+    print(f"target: keep {fixed[0]} prune {fixed[1]} bits {None if fixed[2] is None else fixed[2] * 16:g}"
+          + (" (training targets sampled per sequence from ranges)" if g.sample_budgets else ""))
+
+    def save(it):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_atomic({"policy": policy.state_dict(), "optimizer": opt.state_dict(), "iter": it, "config": config,
+                     "initial_policy": initial,
+                     "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state}}, ckpt_path)
+
+    # 3. GRPO
+    B, K = g.batch_size, g.rollouts
+    pbar = tqdm(range(start, g.max_iters), desc="grpo", dynamic_ncols=True, initial=start, total=g.max_iters)
+    for it in pbar:
+        opt.zero_grad(set_to_none=True)
+        for _ in range(g.grad_accum):
+            # a batch of training sequences, each with its own budget
+            x = random_windows(splits["train"], B, C + T + 1, rng).to(device)  # (B, C+T+1)
+            target = sample_targets(g, fixed, B, rng).to(device)  # (B, 3)
+            # prefill the context once, densely; the K rollouts of a sequence start from copies of it
+            cache, h0 = prefill(model, x, C, T)
+            cache_k = cache.repeat(K)
+            # the dense reference over the controlled steps
+            dense = sol.rollout(model, cache, h0, x[:, C:], target, sol.dense_scheduler(grid), grid, acfg, keep_logprobs=g.task_w_kl > 0)
+            ref = dense["logprobs"].repeat_interleave(K, 0) if g.task_w_kl > 0 else None
+            # K counterfactual schedules per sequence: same tokens, compute sampled from the policy
+            with torch.no_grad():
+                roll = sol.rollout(model, cache_k, h0.repeat_interleave(K, 0), x[:, C:].repeat_interleave(K, 0),
+                                   target.repeat_interleave(K, 0), sol.policy_scheduler(policy, greedy=False), grid, acfg, ref)
+            # step rewards, returns, budget penalty, group-relative advantage
+            reward = (1 - g.task_w_kl) * roll["logp"] - (g.task_w_kl * roll["kl"] if ref is not None else 0)
+            penalty = budget_penalty(roll["achieved"], target.repeat_interleave(K, 0), enabled, g)
+            G = returns(reward, g) - penalty[:, None]
+            A = advantages(G, B, K, g)
+            # PPO clipped surrogate against the sampling policy, entropy bonus, optional KL to the initial policy
+            with torch.no_grad():
+                old_logp = policy_logprobs(policy, roll)[0]
+            for _ in range(g.ppo_epochs):
+                logp, entropy, logp_all = policy_logprobs(policy, roll)
+                ratio = (logp - old_logp).exp()
+                surrogate = torch.minimum(ratio * A, ratio.clamp(1 - g.clip_eps, 1 + g.clip_eps) * A)
+                loss = -surrogate.mean() - g.ent_coef * entropy.mean()
+                if ref_policy is not None:
+                    ref_all = policy_logprobs(ref_policy, roll)[2]
+                    loss = loss + g.kl_coef * (logp_all.exp() * (logp_all - ref_all)).sum(-1).mean()
+                (loss / (g.grad_accum * g.ppo_epochs)).backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), g.grad_clip)
+        opt.step()
+        ach = roll["achieved"].mean(0)
+        pbar.set_postfix(reward=f"{roll['logp'].mean():.3f}", dense=f"{dense['logp'].mean():.3f}",
+                         keep=f"{ach[0]:.2f}", prune=f"{ach[1]:.2f}", bits=f"{ach[2] * 16:.1f}",
+                         gap=f"{(roll['achieved'] - target.repeat_interleave(K, 0)).abs().mean():.3f}")
+        if (it + 1) % g.ckpt_interval == 0 or it + 1 == g.max_iters:
+            save(it + 1)
+    if start >= g.max_iters:
+        print(f"{ckpt_path} already finished {start} iterations; evaluating it")
+    save(max(start, g.max_iters))
+
+    # 4. held-out evaluation at the target
+    eps = episodes(splits["test"], tc.eval_episodes, C + T + 1).to(device)
+    results = evaluate(model, policy, eps, fixed, grid, acfg, C, tc.eval_batch)
+    print(f"\ntest split, {len(eps)} episodes x {T} controlled steps, greedy policy, seed {tc.seed}")
+    print(f"{'method':<8} {'nll':>7} {'ppl':>8} {'keep':>6} {'prune':>6} {'bits':>6}")
+    for r in results:
+        a = r["achieved"]
+        print(f"{r['method']:<8} {r['nll']:7.4f} {r['ppl']:8.3f} {a['keep']:6.3f} {a['prune']:6.3f} {a['bits']:6.2f}")
+    report = {"dataset": tc.dataset, "seed": tc.seed, "config": config, "results": results}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "eval.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out_dir / "eval.json")
+    print(f"wrote {out_dir / 'eval.json'} and {ckpt_path}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (UsageError, ValueError, FileNotFoundError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
