@@ -383,7 +383,7 @@ def static_scheduler(acfg, achieved):
 
     def pick(t, obs):
         N = obs["emb"].size(0)
-        n = torch.arange(N, device=obs["emb"].device) * 1_000_003 + t  # spread rows over the cycle
+        n = (t * N + torch.arange(N, device=obs["emb"].device)).double()  # one cycle over all rows and steps
         a = torch.zeros(N, dtype=torch.long, device=n.device)
         for values, lo, hi, f in plans:
             upper = torch.floor((n + 1) * f) > torch.floor(n * f)

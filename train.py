@@ -346,7 +346,7 @@ def run_schedule(model, eps, target, make_scheduler, grid, acfg, C, batch):
         cache, h0 = prefill(model, x, C, T)
         roll = sol.rollout(model, cache, h0, x[:, C:], target.expand(len(x), 3), make_scheduler(), grid, acfg)
         nll.append(-roll["logp"].mean(1))
-        achieved.append(roll["achieved"] * len(x))
+        achieved.append(roll["achieved"].sum(0))
     return torch.cat(nll), torch.stack(achieved).sum(0) / len(eps)
 
 

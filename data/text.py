@@ -42,7 +42,7 @@ def prepare_text(text_path, out_dir):
     """Tokenize text_path into out_dir/{train,val,test}.bin and write meta.json (last)."""
     text = read_text(text_path)
     n = len(text)
-    cuts = {"train": (0, int(0.9 * n)), "val": (int(0.9 * n), int(0.95 * n)), "test": (int(0.95 * n), n)}
+    cuts = {"train": [0, int(0.9 * n)], "val": [int(0.9 * n), int(0.95 * n)], "test": [int(0.95 * n), n]}
     enc = gpt2_encoding()
     splits = {split: enc.encode_ordinary(text[a:b]) for split, (a, b) in cuts.items()}
     if not all(splits.values()):

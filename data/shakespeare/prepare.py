@@ -39,7 +39,8 @@ if __name__ == "__main__":
     try:
         meta = prepare(input_path=args.input)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {Path(__file__).parent} from {meta['source']} ({meta['encoding']})")
     for split, n in meta["n_tokens"].items():
         print(f"{split}: {n:,} tokens")

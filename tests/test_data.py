@@ -1,0 +1,149 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from data.synth.prepare import PIECES, load_tokenizer as load_synth, prepare  # noqa: E402
+from data.text import load_tokenizer, prepare_text  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+SIZES = dict(n_train=20_000, n_val=3_000, n_test=3_000)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    return out, prepare(out, seed=7, **SIZES)
+
+
+def files(d):
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir())}
+
+
+def scenes(d, split):
+    """(ids, recall flags) per scene of a split; scenes end with the newline token."""
+    ids = np.fromfile(d / f"{split}.bin", dtype=np.uint16)
+    flags = np.fromfile(d / f"{split}_recall.bin", dtype=np.uint8)
+    assert len(ids) == len(flags)
+    ends = np.flatnonzero(ids == load_synth(d).encode_single_token("\n")) + 1
+    assert ends[-1] == len(ids)
+    return list(zip(np.split(ids, ends[:-1]), np.split(flags, ends[:-1])))
+
+
+def test_synth_deterministic(synth, tmp_path):
+    out, meta = synth
+    prepare(tmp_path / "a", seed=7, **SIZES)
+    prepare(tmp_path / "b", seed=8, **SIZES)
+    assert files(tmp_path / "a") == files(out)
+    other = files(tmp_path / "b")
+    assert other["train.bin"] != files(out)["train.bin"]
+    assert other["synth.tiktoken"] == files(out)["synth.tiktoken"]  # tokenizer depends on words only
+    assert not any(name.endswith(".tmp") for name in files(out))
+
+
+def test_synth_meta_and_splits(synth):
+    out, meta = synth
+    assert json.loads((out / "meta.json").read_text()) == meta
+    assert meta["tokenizer"] == "synth" and meta["seed"] == 7
+    assert meta["vocab_size"] % 64 == 0 and meta["vocab_size"] >= load_synth(out).n_vocab
+    splits = {s: (out / f"{s}.bin").read_bytes() for s in ("train", "val", "test")}
+    for s, n in meta["n_tokens"].items():
+        assert len(splits[s]) == 2 * n and n >= SIZES[f"n_{s}"]
+    assert splits["val"][:400] != splits["test"][:400]  # different streams
+
+
+def test_synth_tokenizer(synth):
+    out, _ = synth
+    enc = load_synth(out)
+    assert all(len(enc.encode_ordinary(p)) == 1 for p in PIECES)
+    text = "hello WORLD 123 ünïcode\n\t  tabs 🙂 facts : zorb is blue ."
+    assert enc.decode(enc.encode_ordinary(text)) == text
+    ids = np.fromfile(out / "val.bin", dtype=np.uint16)
+    assert enc.encode_ordinary(enc.decode(ids.tolist())) == ids.tolist()
+    assert load_tokenizer(out).encode_ordinary(text) == enc.encode_ordinary(text)  # dispatch
+
+
+def test_synth_scenes_and_recall(synth):
+    out, _ = synth
+    enc = load_synth(out)
+    n_answers = n_tokens = 0
+    for ids, flags in scenes(out, "train"):
+        assert len(ids) < 120
+        words = [enc.decode([t]).strip() for t in ids]
+        assert words[0] == "facts"
+        facts = {words[i - 2]: (words[i], i) for i in range(2, len(words)) if words[i - 1] == "is"}
+        for i in np.flatnonzero(flags):
+            assert words[i - 3] == "ask" and words[i - 1] == "?"
+            value, at = facts[words[i - 2]]  # the asked name was stated in this scene's facts
+            assert words[i] == value and i - at > 8
+            assert value not in words[i - 8:i]  # not answerable from local context
+        asks = [i + 3 for i in range(len(words)) if words[i] == "ask"]
+        assert asks == list(np.flatnonzero(flags))
+        n_answers += len(asks)
+        n_tokens += len(ids)
+    assert 1 / 16 < n_answers / n_tokens < 1 / 11
+
+
+@pytest.fixture
+def gpt2_env(monkeypatch):
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+
+
+def test_text_prepare(gpt2_env, tmp_path):
+    src = SHARED / "text" / "tinyshakespeare.txt"
+    meta = prepare_text(src, tmp_path)
+    text = src.read_text(encoding="utf-8")
+    assert json.loads((tmp_path / "meta.json").read_text()) == meta
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50304
+    enc = load_tokenizer(tmp_path)
+    assert enc.n_vocab == 50257
+    for split, (a, b) in meta["char_splits"].items():
+        ids = np.fromfile(tmp_path / f"{split}.bin", dtype=np.uint16)
+        assert len(ids) == meta["n_tokens"][split] > 0
+        if split == "val":
+            assert enc.decode(ids.tolist()) == text[a:b]
+    n = len(text)
+    assert meta["char_splits"]["val"] == [int(0.9 * n), int(0.95 * n)]
+    assert meta["n_tokens"]["train"] > 15 * meta["n_tokens"]["val"]
+
+
+@pytest.mark.parametrize("content, error, words", [
+    (None, FileNotFoundError, "no text file"),
+    (b" \n", ValueError, "is empty"),
+    ("caf\xe9 au lait".encode("latin-1"), ValueError, "not UTF-8"),
+])
+def test_text_errors(tmp_path, content, error, words):
+    src = tmp_path / "input.txt"
+    if content is not None:
+        src.write_bytes(content)
+    with pytest.raises(error, match=words):
+        prepare_text(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_too_short(gpt2_env, tmp_path):
+    (tmp_path / "input.txt").write_text("tiny")
+    with pytest.raises(ValueError, match="too short"):
+        prepare_text(tmp_path / "input.txt", tmp_path / "out")
+
+
+def test_text_no_bpe_offline(tmp_path):
+    """The script, offline with no BPE cache, exits 2 with one clear line (fresh process: tiktoken
+    keeps loaded encodings in memory)."""
+    (tmp_path / "input.txt").write_text("some text " * 100)
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    env.update(TIKTOKEN_CACHE_DIR=str(tmp_path / "empty-cache"),
+               HTTPS_PROXY="http://127.0.0.1:9")  # a closed port: no download possible
+    script = ROOT / "data" / "shakespeare" / "prepare.py"
+    r = subprocess.run([sys.executable, script, "--input", tmp_path / "input.txt"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: cannot load the GPT-2 BPE") and r.stderr.count("\n") == 1
