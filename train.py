@@ -39,7 +39,7 @@ class TrainConfig:
     seed: int = 1337
     resume: bool = False  # continue the run saved in out_dir
     overwrite: bool = False  # start over even if out_dir holds a run
-    pretrain_iters: int = 1000  # base GPT pretraining, done once per dataset and model config
+    pretrain_iters: int = 1600  # base GPT pretraining, done once per dataset and model config
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
     eval_episodes: int = 256  # held-out episodes of the final evaluation
@@ -355,10 +355,30 @@ def axes(v):
     return {name: None if x is None else float(x) * scale for name, x, scale in zip(("keep", "prune", "bits"), v, (1, 1, 16))}
 
 
-def evaluate(model, policy, eps, fixed, grid, acfg, C, batch):
-    """SOL (greedy), dense, and static allocation matched to SOL's achieved budget, on the same episodes."""
+def calibrate(model, policy, eps, fixed, grid, acfg, C, batch, steps=8):
+    """Greedy decoding takes the policy's mode, which can sit off the requested budget: an axis that costs no
+    quality gets its cheapest value even when the sampled schedules average to the target. A Lagrange
+    multiplier per axis, lam, adds lam . budget(a) to the logits; bisect each on the validation episodes until
+    the greedy schedule's achieved budget meets the target. Only the budget is calibrated, never quality."""
     target = torch.tensor([1.0 if v is None else v for v in fixed], device=eps.device)
-    nll, achieved = run_schedule(model, eps, target, lambda: sol.policy_scheduler(policy, greedy=True), grid, acfg, C, batch)
+    lam = torch.zeros(3, device=eps.device)
+    for _ in range(2):  # the axes interact a little: two rounds of coordinate bisection
+        for axis in (i for i in range(3) if fixed[i] is not None):
+            lo, hi = -20.0, 20.0
+            for _ in range(steps):
+                lam[axis] = (lo + hi) / 2
+                scheduler = lambda: sol.policy_scheduler(policy, greedy=True, bias=grid.budget.to(lam.device) @ lam)
+                achieved = run_schedule(model, eps, target, scheduler, grid, acfg, C, batch)[1]
+                lo, hi = (lam[axis].item(), hi) if achieved[axis] < target[axis] else (lo, lam[axis].item())
+            lam[axis] = (lo + hi) / 2
+    return lam
+
+
+def evaluate(model, policy, eps, fixed, grid, acfg, C, batch, lam):
+    """SOL (greedy, budget-calibrated), dense, and static at SOL's achieved budget, on the same episodes."""
+    target = torch.tensor([1.0 if v is None else v for v in fixed], device=eps.device)
+    bias = grid.budget.to(eps.device) @ lam
+    nll, achieved = run_schedule(model, eps, target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias), grid, acfg, C, batch)
     rows = [("sol", fixed, nll, achieved)]
     nll, dense = run_schedule(model, eps, target, lambda: sol.dense_scheduler(grid), grid, acfg, C, batch)
     rows.append(("dense", [1.0, 1.0, 1.0], nll, dense))
@@ -400,7 +420,7 @@ def main(argv):
     print(f"seed {tc.seed} | dataset {tc.dataset} ({', '.join(f'{s} {len(d):,}' for s, d in splits.items())} tokens) | device {device}")
 
     # 1. the base GPT: pretrained once per dataset and model config, then frozen
-    key = json.dumps([asdict(gcfg), tc.pretrain_iters, tc.pretrain_batch, tc.pretrain_lr, tc.seed], sort_keys=True)
+    key = json.dumps([asdict(gcfg), meta, tc.pretrain_iters, tc.pretrain_batch, tc.pretrain_lr, tc.seed], sort_keys=True)
     base_path = data_dir / f"base-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
     model = sol.GPT(gcfg).to(device)
     if base_path.exists():
@@ -500,15 +520,19 @@ def main(argv):
         print(f"{ckpt_path} already finished {start} iterations; evaluating it")
     save(max(start, g.max_iters))
 
-    # 4. held-out evaluation at the target
+    # 4. held-out evaluation at the target: calibrate greedy decoding's budget on val, report on test
+    policy.eval()
+    lam = calibrate(model, policy, episodes(splits["val"], tc.eval_episodes // 2, C + T + 1).to(device), fixed, grid, acfg, C, tc.eval_batch)
     eps = episodes(splits["test"], tc.eval_episodes, C + T + 1).to(device)
-    results = evaluate(model, policy, eps, fixed, grid, acfg, C, tc.eval_batch)
-    print(f"\ntest split, {len(eps)} episodes x {T} controlled steps, greedy policy, seed {tc.seed}")
+    results = evaluate(model, policy, eps, fixed, grid, acfg, C, tc.eval_batch, lam)
+    print(f"\ntest split, {len(eps)} episodes x {T} controlled steps, greedy policy, budget multipliers "
+          f"{', '.join(f'{v:+.2f}' for v in lam.tolist())} (fit on val), seed {tc.seed}")
     print(f"{'method':<8} {'nll':>7} {'ppl':>8} {'keep':>6} {'prune':>6} {'bits':>6}")
     for r in results:
         a = r["achieved"]
         print(f"{r['method']:<8} {r['nll']:7.4f} {r['ppl']:8.3f} {a['keep']:6.3f} {a['prune']:6.3f} {a['bits']:6.2f}")
-    report = {"dataset": tc.dataset, "seed": tc.seed, "config": config, "results": results}
+    report = {"dataset": tc.dataset, "seed": tc.seed, "config": config, "budget_multipliers": lam.tolist(),
+              "episodes": {"calibration (val)": tc.eval_episodes // 2, "test": len(eps)}, "results": results}
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "eval.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))

@@ -1,12 +1,13 @@
 """
 Built-in synthetic corpus: short "scenes" whose tokens differ in how much context they need.
 
-    facts : zorb is blue . mip is red . kel is green . tov is gold .
-    count five six seven eight . ask mip ? red . pick fox . the sun rises in the east . ...
+    facts : color blue . name zorb . food rice . tree oak .
+    count five six seven eight . ask name zorb . pick fox . say owl cat yak again owl cat yak . ...
 
 - count runs, fixed phrases and `beat` patterns are predictable from the last few tokens;
 - the word after `pick` is uniformly random (irreducible: compute can't help);
-- the answer after `ask <name> ?` is only predictable by looking back at the fact list (far
+- a repeated phrase (`say ... again ...`) is predictable by copying from a few tokens back;
+- the answer after `ask <category>` is only predictable by looking back at the fact list (far
   context). These answer tokens are flagged in the *_recall.bin files.
 Every word (with its leading space) is one token of a tiny byte-level BPE trained right here,
 saved in tiktoken's file format, so nothing is downloaded.
@@ -24,11 +25,15 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-NAMES = ("zorb mip kel tov dax fen gub hask jol krin lum nax pim quor rask sib tuv vel wub yad "
-         "zek bryn clo drun fip glim hov ith jub kav lorp mek nib oog prax quib rilt sav tam ulo "
-         "vosk wim yop zin brak dov gop plim").split()
-VALUES = ("red blue green gold black white pink grey brown orange purple silver "
-          "cup key lamp box coin ring rope bell drum hat shoe kite").split()
+CATEGORIES = {  # a scene states one value per category; asking a category recalls it
+    "name": ("zorb mip kel tov dax fen gub hask jol krin lum nax pim quor rask sib tuv vel wub yad "
+             "zek bryn clo drun fip glim hov ith jub kav lorp mek nib oog prax quib rilt sav tam").split(),
+    "color": "red blue green gold black white pink grey brown orange purple silver".split(),
+    "thing": "cup key lamp box coin ring rope bell drum hat shoe kite".split(),
+    "food": "apple bread cheese rice soup cake pie plum".split(),
+    "tree": "oak elm ash pine fir yew".split(),
+    "place": "hill lake cave farm town shore".split(),
+}
 NOISE = "fox owl cat dog elk bat ant bee yak cow hen pig rat eel ram emu".split()
 NUMBERS = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
            "fifteen sixteen seventeen eighteen nineteen twenty").split()
@@ -36,8 +41,8 @@ BEATS = "ta ka do re mi la".split()
 PHRASES = [p.split() for p in ("the sun rises in the east", "we go up and then we come down",
            "all good things come to an end", "slow and steady wins the race",
            "look before you leap", "time and tide wait for no man")]
-KEYWORDS = "facts : is . ask ? count pick beat".split()
-WORDS = sorted(set(NAMES + VALUES + NOISE + NUMBERS + BEATS + KEYWORDS + sum(PHRASES, [])))
+KEYWORDS = "facts : . ask count pick beat say again".split()
+WORDS = sorted(set(list(CATEGORIES) + sum(CATEGORIES.values(), []) + NOISE + NUMBERS + BEATS + KEYWORDS + sum(PHRASES, [])))
 PIECES = ["facts", "\n"] + [" " + w for w in WORDS]  # a scene starts a line: "facts" has no space
 PAT_STR = r""" ?[^\s]+|\s+"""
 MAX_SCENE = 120  # tokens; a scene must fit in a 128-token context
@@ -45,14 +50,14 @@ MAX_SCENE = 120  # tokens; a scene must fit in a 128-token context
 
 def scene(rng):
     """One scene as a list of words (newline last) and the indices of its recall answers."""
-    n = rng.randint(4, 6)
-    facts = list(zip(rng.sample(NAMES, n), rng.sample(VALUES, n)))  # unique names and values
-    head = ["facts", ":"] + [w for name, value in facts for w in (name, "is", value, ".")]
-    recalls = [f for f in facts for _ in range(1 + (rng.random() < 0.4))]  # each fact 1-2 times
-    items = [["ask", name, "?", value, "."] for name, value in recalls]
-    length, target = len(head) + 5 * len(items) + 1, rng.randint(80, 110)
+    cats = rng.sample(sorted(CATEGORIES), rng.randint(4, 6))
+    facts = [(c, rng.choice(CATEGORIES[c])) for c in cats]
+    head = ["facts", ":"] + [w for name, value in facts for w in (name, value, ".")]
+    recalls = [f for f in facts for _ in range(rng.randint(2, 3))]  # each fact 2-3 times
+    items = [["ask", cat, value, "."] for cat, value in recalls]  # the answer follows the category, as in the facts
+    length, target = len(head) + 4 * len(items) + 1, rng.randint(80, 110)
     while length < target or len(items) < len(recalls) + 2:
-        kind = rng.randrange(4)
+        kind = min(rng.randrange(6), 4)  # repeats twice as often: they teach the copying that recall needs
         if kind == 0:
             k = rng.randint(4, 7)
             a = rng.randrange(len(NUMBERS) - k + 1)
@@ -61,8 +66,11 @@ def scene(rng):
             item = rng.choice(PHRASES) + ["."]
         elif kind == 2:
             item = ["beat"] + rng.sample(BEATS, 2) * rng.randint(2, 3) + ["."]
-        else:
+        elif kind == 3:
             item = ["pick", rng.choice(NOISE), "."]
+        else:  # a random phrase said twice: the repeat is predictable by copying from a few tokens back
+            said = rng.sample(NOISE, rng.randint(3, 6))
+            item = ["say"] + said + ["again"] + said + ["."]
         if length + len(item) >= MAX_SCENE:
             break
         items.append(item)
@@ -70,7 +78,7 @@ def scene(rng):
     while True:  # reshuffle until no answer is among the 8 tokens before it (needs far context)
         rng.shuffle(items)
         words = head + sum(items, []) + ["\n"]
-        answers = [i for i in range(3, len(words)) if words[i - 3] == "ask"]
+        answers = [i for i in range(2, len(words)) if words[i - 2] == "ask"]
         if all(words[i] not in words[i - 8:i] for i in answers):
             return words, answers
 

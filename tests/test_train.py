@@ -1,0 +1,127 @@
+"""End to end: the real train.py on the real synthetic corpus, with a tiny model so it runs in seconds."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--mlp_hidden=64", "--block_size=64", "--width=16",
+        "--context_len=40", "--rollout_len=4", "--pretrain_iters=10", "--pretrain_batch=4", "--max_iters=3",
+        "--batch_size=2", "--rollouts=2", "--eval_episodes=8", "--ckpt_interval=2"]
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    p = run(*TINY, f"--out_dir={out}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out, p
+
+
+def test_tiny_run_writes_valid_eval_json(tiny_run):
+    out, p = tiny_run
+    report = json.loads((out / "eval.json").read_text())
+    assert report["dataset"] == "synth" and report["seed"] == 1337
+    assert report["config"]["grpo"]["rollout_len"] == 4 and report["config"]["gpt"]["n_embd"] == 32
+    rows = {r["method"]: r for r in report["results"]}
+    assert set(rows) == {"sol", "dense", "static"}
+    assert rows["sol"]["target"] == {"keep": 0.5, "prune": 0.5, "bits": 8.0}
+    assert rows["dense"]["achieved"] == {"keep": 1.0, "prune": 1.0, "bits": 16.0}
+    for r in rows.values():
+        assert r["tokens"] == 8 * 4
+        assert math.isclose(r["ppl"], math.exp(r["nll"]), rel_tol=1e-9) and r["nll"] > 0
+    for axis in ("keep", "prune", "bits"):  # static is matched to what SOL achieved
+        assert abs(rows["static"]["achieved"][axis] - rows["sol"]["achieved"][axis]) <= 0.02 * (16 if axis == "bits" else 1) + 1e-6
+    assert "policy/LM FLOPs per decode step" in p.stdout and "seed 1337" in p.stdout
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert state["iter"] == 3 and set(state["config"]) >= {"train", "grpo", "gpt", "action", "policy"}
+
+
+def test_same_seed_same_numbers_and_resume(tiny_run, tmp_path):
+    out, _ = tiny_run
+    first = json.loads((out / "eval.json").read_text())["results"]
+    p = run(*TINY, f"--out_dir={tmp_path / 'again'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((tmp_path / "again" / "eval.json").read_text())["results"] == first
+    # a run that stopped at its checkpoint (iteration 2) and was resumed ends with the same numbers
+    p = run(*TINY[:-5], "--max_iters=2", "--batch_size=2", "--rollouts=2", "--eval_episodes=8", "--ckpt_interval=2",
+            f"--out_dir={tmp_path / 'resumed'}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run(*TINY, f"--out_dir={tmp_path / 'resumed'}", "--resume")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resuming" in p.stdout
+    assert json.loads((tmp_path / "resumed" / "eval.json").read_text())["results"] == first
+
+
+def test_parse_args_forms():
+    g, t = train.GRPOConfig(), train.TrainConfig()
+    train.parse_args(["--rollouts=4", "--gamma", "0.5", "--resume", "--keep_range=0.2,0.9", "--target_bits=none"], (g, t))
+    assert (g.rollouts, g.gamma, t.resume, g.keep_range, g.target_bits) == (4, 0.5, True, (0.2, 0.9), None)
+
+
+def bad_cases(tmp):
+    empty, short, binary = tmp / "empty.txt", tmp / "short.txt", tmp / "binary.txt"
+    empty.write_text("")
+    short.write_text("to be or not to be " * 5)
+    binary.write_bytes(bytes(range(256)) * 40)
+    return [
+        (["--target_budget=1.5"], "target"),
+        (["--target_budget=0"], "target"),
+        (["--target_budget=abc"], "not a number"),
+        (["--target_bits=2"], "below the grid"),
+        (["--no_such_flag=1"], "unknown option"),
+        (["stray"], "unexpected argument"),
+        (["--max_iters"], "needs a value"),
+        (["--rollouts=1"], "at least 2"),
+        (["--rollouts=two"], "is not int"),
+        (["--resume=maybe"], "true/false"),
+        (["--dataset=nosuch"], "unknown dataset"),
+        ([f"--dataset={tmp / 'missing.txt'}"], "does not exist"),
+        ([f"--dataset={empty}"], "empty"),
+        ([f"--dataset={binary}"], "UTF-8"),
+        ([f"--dataset={short}"], "short"),
+        (["--context_len=300"], "block_size"),
+        (["--keep=0.1,0.5"], "dense action"),
+        (["--criterion=random"], "criterion"),
+        (["--reward_agg=mean"], "reward_agg"),
+        ([f"--out_dir={tmp / 'none'}", "--resume"], "no checkpoint"),
+    ]
+
+
+def test_bad_inputs_one_clear_line(tmp_path):
+    for args, needle in bad_cases(tmp_path):
+        p = run(*TINY, f"--out_dir={tmp_path / 'out'}", *args) if not any(a.startswith("--out_dir") for a in args) \
+            else run(*TINY, *args)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2, (args, p.stderr[-1000:])
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle.lower() in lines[0].lower(), (args, p.stderr)
+        assert not (tmp_path / "out").exists()
+
+
+def test_bad_checkpoints_are_refused_and_kept(tiny_run, tmp_path):
+    out, _ = tiny_run
+    work = tmp_path / "out"
+    shutil.copytree(out, work)
+    before = (work / "ckpt.pt").read_bytes()
+    p = run(*TINY, f"--out_dir={work}")  # a finished run is not overwritten by accident
+    assert p.returncode == 2 and "--resume" in p.stderr and (work / "ckpt.pt").read_bytes() == before
+    p = run(*TINY, f"--out_dir={work}", "--resume", "--width=32")
+    assert p.returncode == 2 and "width" in p.stderr and (work / "ckpt.pt").read_bytes() == before
+    (work / "ckpt.pt").write_bytes(b"not a checkpoint")
+    p = run(*TINY, f"--out_dir={work}", "--resume")
+    assert p.returncode == 2 and "cannot read" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert (work / "ckpt.pt").read_bytes() == b"not a checkpoint"
+    assert not [f for f in os.listdir(work) if f.endswith(".tmp")]
