@@ -110,8 +110,8 @@ def parse_value(name, text, default):
             return None if text.lower() == "none" else float(text)
         return type(default)(text)
     except ValueError:
-        kind = "true/false" if isinstance(default, bool) else "a comma list" if isinstance(default, tuple) else \
-            "a number" if default is None else type(default).__name__
+        kind = {bool: "true/false", tuple: "a comma-separated list of numbers", int: "an integer", str: "text"}.get(
+            type(default), "a number")
         raise UsageError(f"--{name}={text!r} is not {kind}; e.g. --{name}={default if default is not None else 0.5}")
 
 
