@@ -546,3 +546,6 @@ if __name__ == "__main__":
     except (UsageError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; checkpoints written so far are intact (continue with --resume)", file=sys.stderr)
+        sys.exit(130)
