@@ -339,13 +339,15 @@ def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=Non
     N, T = x.size(0), x.size(1) - 1
     h, prev = h0, torch.full((N,), len(grid.tags), dtype=torch.long, device=x.device)  # BOS action
     spent, n_eff = torch.zeros(N, 3, device=x.device), 0
-    out = {k: [] for k in ("h_prev", "emb", "scalars", "prev_action", "action", "logp", "kl", "logprobs")}
+    out = {k: [] for k in ("h_prev", "emb", "scalars", "prev_action", "entropy", "action", "logp", "kl", "logprobs")}
+    logprobs = F.log_softmax(model.lm_head(h0).float(), -1)  # the prediction made before step 0
     for t in range(T):
         eff = controllable(cache.len, acfg)
         dev = spent / n_eff - target if n_eff else torch.zeros_like(target)  # running mean minus target
         scalars = torch.cat([torch.full((N, 2), float(eff), device=x.device), target, dev], 1)
         scalars[:, 0] = t / T
-        obs = dict(h_prev=h, emb=model.wte(x[:, t]), scalars=scalars, prev_action=prev)
+        entropy = -(logprobs.exp() * logprobs).sum(-1)  # how unsure the previous prediction was (heuristics)
+        obs = dict(h_prev=h, emb=model.wte(x[:, t]), scalars=scalars, prev_action=prev, entropy=entropy)
         a = scheduler(t, obs)
         logits, hs = model(x[:, t:t + 1], cache, grid.values[a] if eff else None, acfg)
         logprobs = F.log_softmax(logits[:, -1].float(), -1)  # (N, V)

@@ -99,6 +99,22 @@ def generate(n_tokens, seed, enc):
     return ids, flags
 
 
+def multiple_choice(n, seed):
+    """n questions whose answer needs far context: a scene cut just before the answer of a category's
+    first `ask`, the right value and three others of the same category as choices."""
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        words, answers = scene(rng)
+        firsts = [i for i in answers if words[i - 1] not in [words[j - 1] for j in answers if j < i]]
+        i = rng.choice(firsts)
+        cat, value = words[i - 1], words[i]
+        choices = [value] + rng.sample([v for v in CATEGORIES[cat] if v != value], 3)
+        rng.shuffle(choices)
+        question = "".join(w if k == 0 else " " + w for k, w in enumerate(words[:i]))
+        out.append({"question": question, "choices": [" " + c for c in choices], "answer": choices.index(value)})
+    return out
+
+
 def train_bpe(counts):
     """Byte-level BPE over {piece: count}: merge the most frequent pair until each piece is one token."""
     ranks = {bytes([b]): b for b in range(256)}  # all bytes, so any text still encodes

@@ -1,0 +1,420 @@
+"""
+Evaluate a trained SOL policy against every baseline at the same achieved budget (METHOD.md section 4).
+
+    python eval.py --out_dir out                                  # at the policy's training target
+    python eval.py --out_dir out --budgets 0.2,0.35,0.5,0.65,0.8  # a sweep, and a Pareto plot
+    python eval.py --out_dir out --prompt "facts : color red ." --max_new_tokens 24
+    python eval.py --out_dir out --mc path/to/mmlu.jsonl           # multiple choice, by log-likelihood
+
+Methods, all on the same frozen GPT, test episodes and controllable steps:
+  sol        the policy, greedy, its budget calibrated on the validation split
+  dense      every step dense: the upper bound
+  static     the same setting every step, two neighbouring grid values mixed to SOL's achieved budget
+  random     per sequence, a random order of the same per-axis values as static
+  search     N random schedules at the budget, the best on validation, reported on test
+  heuristic  dense after a step whose prediction was uncertain (high entropy), cheapest otherwise
+"""
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import sol
+from train import UsageError, axes, calibrate, episodes, load_checkpoint, load_dataset, parse_args, prefill
+
+
+@dataclass
+class EvalConfig:
+    out_dir: str = "out"  # where train.py left ckpt.pt
+    budgets: str = ""  # comma list of budgets for every enabled axis; empty = the policy's training target
+    dataset: str = ""  # empty = the dataset the policy was trained on
+    seed: int = 1337
+    eval_episodes: int = 256  # test episodes per method
+    val_episodes: int = 128  # validation episodes (budget calibration, search)
+    eval_batch: int = 128
+    search_schedules: int = 128  # random schedule search: candidates tried on validation
+    bootstrap: int = 1000  # paired bootstrap resamples for the confidence intervals
+    prompt: str = ""  # generate side by side from this prompt instead of evaluating
+    max_new_tokens: int = 32
+    mc: str = ""  # multiple choice: a JSONL file, or "synth" for the task built from the default corpus
+    mc_questions: int = 200  # at most this many questions
+    plot: bool = True
+
+
+@torch.no_grad()
+def decode(model, eps, target, make_scheduler, grid, acfg, C, batch):
+    """Every episode under a schedule: per-episode mean NLL (E,), achieved budget (3,), actions (E, T)."""
+    T = eps.size(1) - C - 1
+    nll, spent, actions = [], 0, []
+    for i in range(0, len(eps), batch):
+        x = eps[i:i + batch]
+        cache, h0 = prefill(model, x, C, T)
+        roll = sol.rollout(model, cache, h0, x[:, C:], target.expand(len(x), 3), make_scheduler(), grid, acfg)
+        nll.append(-roll["logp"].mean(1))
+        spent = spent + roll["achieved"].sum(0)
+        actions.append(roll["action"])
+    return torch.cat(nll), spent / len(eps), torch.cat(actions)
+
+
+def combine(acfg, per_axis):
+    """Per-axis value indices (..., 3) -> action indices of the product grid."""
+    sizes = (len(acfg.keep), len(acfg.prune), len(acfg.bits))
+    return (per_axis[..., 0] * sizes[1] + per_axis[..., 1]) * sizes[2] + per_axis[..., 2]
+
+
+def mix_plan(acfg, budget, n, T, gen):
+    """n schedules of T steps whose per-axis mean equals budget: the two grid values around it in the right
+    proportion (random rounding of the count), in random order per schedule. (n, T, 3) value indices."""
+    plan = torch.zeros(n, T, 3, dtype=torch.long)
+    for axis, values in enumerate((acfg.keep, acfg.prune, acfg.bits)):
+        fr = sorted(v / (16 if axis == 2 else 1) for v in values)
+        b = min(max(budget[axis], fr[0]), fr[-1])
+        i = max(j for j in range(len(fr)) if fr[j] <= b + 1e-9)
+        j = min(i + 1, len(fr) - 1)
+        f = 0.0 if i == j else (b - fr[i]) / (fr[j] - fr[i])
+        n_hi = (f * T + torch.rand(n, generator=gen)).floor().long()  # E[n_hi] = f*T exactly
+        hi = torch.argsort(torch.rand(n, T, generator=gen), 1) < n_hi[:, None]
+        order = sorted(range(len(values)), key=lambda k: values[k])
+        plan[..., axis] = torch.where(hi, order[j], order[i])
+    return plan
+
+
+def search_candidates(acfg, budget, n, T, gen):
+    """Random schedules at the budget: every step's value drawn from the whole grid, then single steps moved
+    one grid value up or down until the per-axis mean is within 0.005 of the budget. (n, T, 3) indices."""
+    plan = torch.zeros(n, T, 3, dtype=torch.long)
+    for axis, values in enumerate((acfg.keep, acfg.prune, acfg.bits)):
+        order = sorted(range(len(values)), key=lambda k: values[k])
+        fr = torch.tensor(sorted(values), dtype=torch.float64) / (16 if axis == 2 else 1)
+        b = min(max(budget[axis], fr[0].item()), fr[-1].item())
+        for s in range(n):
+            lv = torch.randint(0, len(fr), (T,), generator=gen)
+            for _ in range(100 * T):
+                gap = fr[lv].mean().item() - b
+                if abs(gap) <= 0.005:
+                    break
+                movable = (lv > 0) if gap > 0 else (lv < len(fr) - 1)
+                k = movable.nonzero()[torch.randint(0, int(movable.sum()), (1,), generator=gen)].item()
+                lv[k] += -1 if gap > 0 else 1
+            plan[s, :, axis] = torch.tensor(order)[lv]
+    return plan
+
+
+def plan_scheduler(acfg, plan):
+    """Replays a plan: (T, 3) value indices shared by every row, or a function n -> (n, T, 3)."""
+    state = {}
+
+    def pick(t, obs):
+        if t == 0:
+            n = obs["emb"].size(0)
+            state["a"] = combine(acfg, plan(n) if callable(plan) else plan.expand(n, -1, -1)).to(obs["emb"].device)
+        return state["a"][:, t]
+    return pick
+
+
+def heuristic_scheduler(acfg, thresholds):
+    """More compute after an uncertain step: axis a is dense when the previous prediction's entropy is
+    above thresholds[a], at its cheapest value otherwise."""
+    lo = [min(range(len(v)), key=lambda k: v[k]) for v in (acfg.keep, acfg.prune, acfg.bits)]
+    hi = [max(range(len(v)), key=lambda k: v[k]) for v in (acfg.keep, acfg.prune, acfg.bits)]
+
+    def pick(t, obs):
+        e = obs["entropy"]
+        idx = torch.stack([torch.where(e > th, h, l) for th, h, l in zip(thresholds, hi, lo)], -1)
+        return combine(acfg, idx)
+    return pick
+
+
+def fit_heuristic(model, val, budget, grid, acfg, C, batch, steps=10):
+    """Entropy thresholds that hit the budget, by bisection per axis on the validation episodes (a higher
+    threshold means fewer dense steps); two rounds, as the axes change the entropies a little."""
+    th = [0.0, 0.0, 0.0]
+    for _ in range(2):
+        for axis in range(3):
+            lo, hi = 0.0, 20.0
+            for _ in range(steps):
+                th[axis] = (lo + hi) / 2
+                spent = decode(model, val, torch.ones(3), lambda: heuristic_scheduler(acfg, th), grid, acfg, C, batch)[1]
+                lo, hi = (th[axis], hi) if spent[axis] > budget[axis] else (lo, th[axis])
+            th[axis] = (lo + hi) / 2
+    return th
+
+
+def bootstrap_delta(nll, ref, n, gen):
+    """ppl(method) - ppl(ref) and its 95% paired-bootstrap interval over episodes."""
+    idx = torch.randint(0, len(nll), (n, len(nll)), generator=gen)
+    d = nll[idx].mean(1).exp() - ref[idx].mean(1).exp()
+    return (nll.mean().exp() - ref.mean().exp()).item(), d.quantile(0.025).item(), d.quantile(0.975).item()
+
+
+def read_mc(path):
+    """A JSONL file of {"question": str, "choices": [str, ...], "answer": int}, checked line by line."""
+    items = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError:
+            raise UsageError(f"{path} line {n} is not JSON; each line must be {{\"question\": ..., \"choices\": [...], \"answer\": i}}")
+        ok = isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("choices"), list) \
+            and len(q["choices"]) >= 2 and all(isinstance(c, str) and c for c in q["choices"]) \
+            and isinstance(q.get("answer"), int) and 0 <= q["answer"] < len(q["choices"])
+        if not ok:
+            raise UsageError(f"{path} line {n} needs a string \"question\", a list of 2+ non-empty \"choices\" "
+                             f"and an integer \"answer\" indexing them")
+        items.append(q)
+    if not items:
+        raise UsageError(f"{path} holds no questions")
+    return items
+
+
+@torch.no_grad()
+def choice_loglik(model, enc, q, make_scheduler, target, grid, acfg):
+    """Log-likelihood of each choice after the question: the choice tokens are the controlled steps."""
+    ctx = enc.encode_ordinary(q["question"])
+    out = []
+    for choice in q["choices"]:
+        ids = enc.encode_ordinary(choice)
+        x = torch.tensor([ctx + ids])[:, -model.cfg.block_size:]
+        C = x.size(1) - len(ids) - 1
+        cache, h0 = prefill(model, x, C, len(ids))
+        roll = sol.rollout(model, cache, h0, x[:, C:], target[None], make_scheduler(), grid, acfg)
+        out.append(roll["logp"].sum().item())
+    return out
+
+
+@torch.no_grad()
+def generate(model, ids, n, make_scheduler, target, grid, acfg):
+    """Greedy continuation under a schedule; returns the new tokens and the achieved budget."""
+    x = torch.tensor([ids])
+    cache = model.new_cache(1, x.size(1) + n)
+    _, h = model(x, cache)
+    scheduler, spent, n_eff, out, prev = make_scheduler(), torch.zeros(3), 0, [], torch.tensor([len(grid.tags)])
+    token = model.lm_head(h[:, -1]).argmax(-1)
+    for t in range(n):
+        out.append(token.item())
+        eff = sol.controllable(cache.len, acfg)
+        dev = spent / n_eff - target if n_eff else torch.zeros(3)
+        scalars = torch.cat([torch.tensor([t / n, float(eff)]), target, dev])[None]
+        a = scheduler(t, dict(h_prev=h[:, -1], emb=model.wte(token), scalars=scalars, prev_action=prev, entropy=None))
+        if eff:
+            spent, n_eff = spent + grid.budget[a[0]], n_eff + 1
+        logits, h = model(token[:, None], cache, grid.values[a] if eff else None, acfg)
+        token, prev = logits[:, -1].argmax(-1), a
+    return out, spent / max(n_eff, 1)
+
+
+def pareto_plot(rows, path):
+    """ppl against the mean achieved budget, one curve per method: a PNG, or ASCII without matplotlib."""
+    methods = sorted({r["method"] for r in rows} - {"dense"})
+    xs = lambda m: [(np.mean([r["achieved"]["keep"], r["achieved"]["prune"], r["achieved"]["bits"] / 16]), r["ppl"])
+                    for r in rows if r["method"] == m]
+    dense = [r["ppl"] for r in rows if r["method"] == "dense"][0]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib for a PNG Pareto plot; an ASCII one follows)")
+        pts = [(m, x, y) for m in methods for x, y in xs(m)]
+        lo, hi = min(y for _, _, y in pts + [("", 0, dense)]), max(y for _, _, y in pts)
+        for m, x, y in sorted(pts, key=lambda p: (p[1], p[0])):
+            bar = int(50 * (y - lo) / max(hi - lo, 1e-9))
+            print(f"  budget {x:.2f} {m:<9} {'#' * bar} {y:.3f}")
+        print(f"  dense ppl {dense:.3f}")
+        return None
+    plt.figure(figsize=(6, 4))
+    for m in methods:
+        p = sorted(xs(m))
+        plt.plot([a for a, _ in p], [b for _, b in p], "o-", label=m)
+    plt.axhline(dense, color="k", ls="--", lw=1, label="dense")
+    plt.xlabel("achieved budget (mean of keep, prune, bits/16)")
+    plt.ylabel("test perplexity")
+    plt.legend()
+    plt.tight_layout()
+    plt.savefig(path, dpi=120)
+    return path
+
+
+def shade(tokens, compute, html_path):
+    """Print tokens with a background as dark as the compute spent on them (ANSI), and write HTML."""
+    line = "".join(f"\x1b[48;5;{232 + round(23 * c)}m\x1b[38;5;{16 if c > 0.6 else 255}m{t}\x1b[0m" for t, c in zip(tokens, compute))
+    print(line)
+    spans = "".join(f'<span style="background: rgba(220,60,30,{c:.2f})" title="{c:.2f}">{t.replace("&", "&amp;").replace("<", "&lt;")}</span>'
+                    for t, c in zip(tokens, compute))
+    Path(html_path).write_text(f"<html><body><pre style='font-size:15px'>{spans}</pre>"
+                               "<p>background: compute spent on the token (mean of keep, prune, bits/16)</p></body></html>")
+
+
+def main(argv):
+    ec = EvalConfig()
+    parse_args(argv, (ec,))
+    out_dir = Path(ec.out_dir)
+    if not (out_dir / "ckpt.pt").exists():
+        raise UsageError(f"no trained policy at {out_dir / 'ckpt.pt'}; run python train.py --out_dir {out_dir} first")
+    state = load_checkpoint(out_dir / "ckpt.pt", "policy")
+    cfg = state["config"]
+    gcfg, acfg, pcfg = sol.GPTConfig(**cfg["gpt"]), sol.ActionConfig(**cfg["action"]), sol.PolicyConfig(**cfg["policy"])
+    grid = sol.action_grid(acfg)
+    base = load_checkpoint(cfg["base"], "base GPT")
+    model = sol.GPT(gcfg)
+    model.load_state_dict(base["model"])
+    model.eval().requires_grad_(False)
+    policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.tags))
+    policy.load_state_dict(state["policy"])
+    policy.eval()
+    dataset = ec.dataset or cfg["train"]["dataset"]
+    data_dir, meta, splits = load_dataset(dataset)
+    if meta["vocab_size"] != gcfg.vocab_size:
+        raise UsageError(f"{dataset} has a vocabulary of {meta['vocab_size']} but the model of {out_dir} has {gcfg.vocab_size}; evaluate on its own dataset")
+    g = cfg["grpo"]
+    C, T = g["context_len"], g["rollout_len"]
+    enabled = [len(v) > 1 for v in (acfg.keep, acfg.prune, acfg.bits)]
+    trained = [g["target_keep"] if g["target_keep"] is not None else g["target_budget"],
+               g["target_prune"] if g["target_prune"] is not None else g["target_budget"],
+               g["target_bits"] / 16 if g["target_bits"] is not None else g["target_budget"]]
+    torch.manual_seed(ec.seed)
+    print(f"policy {out_dir / 'ckpt.pt'} ({state['iter']} GRPO iterations, trained "
+          + ("on budgets sampled from ranges" if g["sample_budgets"] else f"for a single budget {trained}") + f"), dataset {dataset}, seed {ec.seed}")
+
+    try:
+        budgets = [float(b) for b in ec.budgets.split(",")] if ec.budgets else [None]
+    except ValueError:
+        budgets = [-1.0]
+    if any(b is not None and not 0 < b <= 1 for b in budgets):
+        raise UsageError(f"--budgets must be a comma list of numbers in (0, 1], e.g. --budgets=0.2,0.5,0.8; got {ec.budgets!r}")
+    items = None
+    if ec.mc == "synth":
+        from data.synth.prepare import multiple_choice
+        items = multiple_choice(ec.mc_questions, ec.seed)
+    elif ec.mc:
+        if not Path(ec.mc).is_file():
+            raise UsageError(f"--mc file {ec.mc} does not exist; pass a JSONL file or --mc=synth")
+        items = read_mc(ec.mc)[:ec.mc_questions]
+
+    def fixed_for(x):
+        mins = [min(acfg.keep), min(acfg.prune), min(acfg.bits) / 16]
+        return [max(x, m) if on else None for on, m in zip(enabled, mins)]
+
+    if ec.prompt:  # side-by-side generation
+        from data.text import load_tokenizer
+        enc = load_tokenizer(data_dir)
+        ids = enc.encode_ordinary(ec.prompt)
+        if not ids or len(ids) + ec.max_new_tokens > gcfg.block_size:
+            raise UsageError(f"prompt plus --max_new_tokens must be 1..{gcfg.block_size} tokens (got {len(ids)} + {ec.max_new_tokens})")
+        fixed = trained if budgets[0] is None else fixed_for(budgets[0])
+        target = torch.tensor([1.0 if v is None else v for v in fixed])
+        lam = calibrate(model, policy, episodes(splits["val"], ec.val_episodes, C + T + 1), fixed, grid, acfg, C, ec.eval_batch)
+        runs = {"dense": lambda: sol.dense_scheduler(grid),
+                "sol": lambda: sol.policy_scheduler(policy, greedy=True, bias=grid.budget @ lam)}
+        for name, make in runs.items():
+            new, ach = generate(model, ids, ec.max_new_tokens, make, target, grid, acfg)
+            x = torch.tensor([ids + new])
+            logp = torch.log_softmax(model(x[:, :-1])[0], -1)[0, len(ids) - 1:].gather(-1, x[0, len(ids):, None]).mean().item()
+            print(f"\n[{name}] keep {ach[0]:.2f} prune {ach[1]:.2f} bits {ach[2] * 16:.1f} | mean log-prob under dense {logp:.3f}")
+            print(ec.prompt + enc.decode(new))
+        return
+
+    val = episodes(splits["val"], ec.val_episodes, C + T + 1)
+    test = episodes(splits["test"], ec.eval_episodes, C + T + 1)
+    gen = torch.Generator().manual_seed(ec.seed)
+    run = lambda eps, target, make: decode(model, eps, target, make, grid, acfg, C, ec.eval_batch)
+    dense_nll, _, _ = run(test, torch.ones(3), lambda: sol.dense_scheduler(grid))
+    rows, details = [], {}
+    for b in budgets:
+        fixed = trained if b is None else fixed_for(b)
+        target = torch.tensor([1.0 if v is None else v for v in fixed])
+        lam = calibrate(model, policy, val, fixed, grid, acfg, C, ec.eval_batch)
+        bias = grid.budget @ lam
+        res = {"sol": run(test, target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias))}
+        ach = res["sol"][1].tolist()  # every baseline spends what SOL spent
+        res["dense"] = (dense_nll, torch.ones(3), None)
+        res["static"] = run(test, target, lambda: sol.static_scheduler(acfg, ach))
+        res["random"] = run(test, target, lambda: plan_scheduler(acfg, lambda n: mix_plan(acfg, ach, n, T, gen)))
+        # candidates: half reorderings of static's values (local), half drawn from the whole grid (broad)
+        cands = torch.cat([mix_plan(acfg, ach, ec.search_schedules // 2, T, gen),
+                           search_candidates(acfg, ach, ec.search_schedules - ec.search_schedules // 2, T, gen)])
+        val_nll = torch.stack([run(val, target, lambda: plan_scheduler(acfg, c))[0].mean() for c in cands])
+        best = int(val_nll.argmin())
+        res["search"] = run(test, target, lambda: plan_scheduler(acfg, cands[best]))
+        th = fit_heuristic(model, val, ach, grid, acfg, C, ec.eval_batch)
+        res["heuristic"] = run(test, target, lambda: heuristic_scheduler(acfg, th))
+        details[b] = {"sol_actions": res["sol"][2], "search": {"val_nll": val_nll.tolist(), "best": best}}
+        label = "trained target" if b is None else f"budget {b}"
+        print(f"\n{label}: target keep {fixed[0]} prune {fixed[1]} bits {None if fixed[2] is None else fixed[2] * 16:g}"
+              f" | {len(test)} test episodes x {T} steps | search: best of {len(cands)} on {len(val)} val episodes")
+        print(f"{'method':<10} {'nll':>7} {'ppl':>8} {'dppl vs static [95% CI]':>28} {'keep':>6} {'prune':>6} {'bits':>6}")
+        for m, (nll, a, _) in res.items():
+            d, lo, hi = bootstrap_delta(nll, res["static"][0], ec.bootstrap, gen)
+            off = [ax for ax, i in zip(("keep", "prune", "bits"), range(3)) if enabled[i] and abs(a[i] - ach[i]) > 0.02]
+            flag = f"  OFF BUDGET: {', '.join(off)}" if off and m != "dense" else ""
+            print(f"{m:<10} {nll.mean():7.4f} {nll.mean().exp():8.3f} {d:+9.3f} [{lo:+.3f}, {hi:+.3f}]{'':>4} "
+                  f"{a[0]:6.3f} {a[1]:6.3f} {a[2] * 16:6.2f}{flag}")
+            rows.append({"method": m, "budget": b, "target": axes(fixed if m == "sol" else (ach if m != "dense" else [1.0] * 3)),
+                         "achieved": axes(a.tolist()), "nll": nll.mean().item(), "ppl": nll.mean().exp().item(),
+                         "tokens": len(nll) * T, "dppl_vs_static": d, "dppl_ci95": [lo, hi],
+                         "off_budget": off if m != "dense" else [], "budget_multipliers": lam.tolist() if m == "sol" else None})
+
+    # where the compute went
+    b0 = budgets[len(budgets) // 2]
+    acts = details[b0]["sol_actions"]  # (E, T)
+    compute = grid.budget[acts].mean(-1)  # (E, T) mean budget fraction of the step's action
+    from data.text import load_tokenizer
+    enc = load_tokenizer(data_dir)
+    print(f"\nwhere the compute went ({'trained target' if b0 is None else f'budget {b0}'}; darker = more): "
+          "each token shaded by the compute of the step that predicted it")
+    toks = test[:6, C + 1:]  # the controlled tokens of the first six test episodes, one per line
+    shade([enc.decode([t]).replace("\n", " / ") + ("\n" if k % T == T - 1 else "") for k, t in enumerate(toks.flatten().tolist())],
+          compute[:6].flatten().tolist(), out_dir / "allocation.html")
+    starts = np.linspace(0, len(splits["test"]) - (C + T + 1), ec.eval_episodes).astype(np.int64)
+    report_alloc = None
+    if (data_dir / "test_recall.bin").exists():  # the default corpus knows which tokens need far context
+        rec = np.memmap(data_dir / "test_recall.bin", dtype=np.uint8, mode="r")
+        far = torch.from_numpy(np.stack([rec[s + C + 1:s + C + T + 1] for s in starts]).astype(bool))
+        dense_attn = grid.values[acts][..., 0] == 1.0
+        keep = grid.values[acts][..., 0]
+        report_alloc = {"dense_attention_share": {"far_context": dense_attn[far].float().mean().item(), "other": dense_attn[~far].float().mean().item()},
+                        "mean_keep": {"far_context": keep[far].mean().item(), "other": keep[~far].mean().item()}}
+        print(f"dense-attention steps: {report_alloc['dense_attention_share']['far_context']:.1%} of the tokens that need far context "
+              f"vs {report_alloc['dense_attention_share']['other']:.1%} of the rest (mean keep {report_alloc['mean_keep']['far_context']:.2f} vs {report_alloc['mean_keep']['other']:.2f})")
+    print(f"wrote {out_dir / 'allocation.html'}")
+
+    mc_report = None
+    if items:
+        fixed = trained if b0 is None else fixed_for(b0)
+        target = torch.tensor([1.0 if v is None else v for v in fixed])
+        lam = calibrate(model, policy, val, fixed, grid, acfg, C, ec.eval_batch)
+        bias = grid.budget @ lam
+        mc_report = {}
+        for m, make in (("sol", lambda: sol.policy_scheduler(policy, greedy=True, bias=bias)),
+                        ("static", lambda: sol.static_scheduler(acfg, target.tolist())),
+                        ("dense", lambda: sol.dense_scheduler(grid))):
+            right = sum(int(np.argmax(choice_loglik(model, enc, q, make, target, grid, acfg))) == q["answer"] for q in items)
+            mc_report[m] = right / len(items)
+        print(f"\nmultiple choice ({ec.mc}, {len(items)} questions, budget {fixed}): "
+              + ", ".join(f"{m} {acc:.1%}" for m, acc in mc_report.items()))
+
+    png = pareto_plot(rows, out_dir / "pareto.png") if ec.plot and len(budgets) > 1 else None
+    report = {"dataset": dataset, "seed": ec.seed, "config": {**cfg, "eval": asdict(ec)},
+              "splits": {s: len(d) for s, d in splits.items()},
+              "episodes": {"val": len(val), "test": len(test), "steps_per_episode": T},
+              "results": rows, "allocation": report_alloc, "multiple_choice": mc_report,
+              "search": {str(b): d["search"] for b, d in details.items()}}
+    tmp = out_dir / "eval.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out_dir / "eval.json")
+    print(f"wrote {out_dir / 'eval.json'}" + (f" and {png}" if png else ""))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (UsageError, ValueError, FileNotFoundError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

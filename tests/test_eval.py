@@ -1,0 +1,124 @@
+"""eval.py on a tiny policy trained by the real train.py on the real synthetic corpus."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import eval as ev  # noqa: E402
+import sol  # noqa: E402
+from train import UsageError  # noqa: E402
+
+TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--mlp_hidden=64", "--block_size=64", "--width=16",
+        "--context_len=40", "--rollout_len=4", "--pretrain_iters=10", "--pretrain_batch=4", "--max_iters=3",
+        "--batch_size=2", "--rollouts=2", "--eval_episodes=8"]
+FAST = ["--val_episodes=8", "--eval_episodes=12", "--search_schedules=6", "--bootstrap=200", "--mc_questions=5"]
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "out"
+    p = run("train.py", *TINY, f"--out_dir={out}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run("eval.py", f"--out_dir={out}", "--budgets=0.5,0.8", "--mc=synth", *FAST)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out, json.loads((out / "eval.json").read_text()), p.stdout
+
+
+def test_every_method_at_every_budget_matched(sweep):
+    out, report, stdout = sweep
+    rows = report["results"]
+    assert {(r["method"], r["budget"]) for r in rows} == {(m, b) for m in ("sol", "dense", "static", "random", "search", "heuristic") for b in (0.5, 0.8)}
+    for b in (0.5, 0.8):
+        sol_row = next(r for r in rows if r["method"] == "sol" and r["budget"] == b)
+        assert sol_row["target"] == {"keep": b, "prune": b, "bits": 16 * b}
+        for r in rows:
+            if r["budget"] != b or r["method"] == "dense":
+                continue
+            off = [ax for ax in ("keep", "prune", "bits")
+                   if abs(r["achieved"][ax] - sol_row["achieved"][ax]) > 0.02 * (16 if ax == "bits" else 1)]
+            assert off == r["off_budget"], r  # a miss is flagged, and only a miss
+            if r["method"] in ("static", "random", "search"):  # these hit the budget by construction
+                assert off == [], r
+    for r in rows:  # the schema of train.py's eval.json, extended
+        assert {"method", "target", "achieved", "nll", "ppl", "tokens"} <= set(r)
+        assert math.isclose(r["ppl"], math.exp(r["nll"]), rel_tol=1e-6)
+        lo, hi = r["dppl_ci95"]
+        assert lo - 1e-9 <= r["dppl_vs_static"] <= hi + 1e-9  # the interval contains the point estimate
+    assert report["splits"]["test"] > 0 and report["episodes"] == {"val": 8, "test": 12, "steps_per_episode": 4}
+    assert (out / "allocation.html").read_text().count("<span") == 6 * 4
+    assert "dense-attention steps" in stdout and report["allocation"]["mean_keep"]["far_context"] > 0
+    assert set(report["multiple_choice"]) == {"sol", "static", "dense"}
+    assert (out / "pareto.png").exists() or "ASCII" in stdout
+
+
+def test_search_picks_on_validation_reports_on_test(sweep):
+    _, report, _ = sweep
+    for b, s in report["search"].items():
+        assert len(s["val_nll"]) == 6 and s["best"] == min(range(6), key=s["val_nll"].__getitem__)
+        row = next(r for r in report["results"] if r["method"] == "search" and str(r["budget"]) == b)
+        assert row["tokens"] == 12 * 4 and not math.isclose(row["nll"], s["val_nll"][s["best"]], rel_tol=1e-9)
+
+
+def test_plans_hit_the_budget():
+    acfg, gen = sol.ActionConfig(), torch.Generator().manual_seed(0)
+    budget = [0.37, 0.66, 0.55]
+    fr = [torch.tensor(acfg.keep), torch.tensor(acfg.prune), torch.tensor(acfg.bits, dtype=torch.float32) / 16]
+    for plan, tol in ((ev.mix_plan(acfg, budget, 2000, 16, gen), 0.01), (ev.search_candidates(acfg, budget, 20, 16, gen), 0.0051)):
+        for axis in range(3):
+            means = fr[axis][plan[..., axis]].mean(1)
+            assert abs(means.mean().item() - budget[axis]) < tol
+    cands = ev.search_candidates(acfg, budget, 20, 16, gen)
+    assert all(abs(fr[a][cands[..., a]].mean(1) - budget[a]).max() <= 0.0051 for a in range(3))
+    assert len({tuple(c.flatten().tolist()) for c in cands}) == 20  # diverse
+
+
+def test_bootstrap_interval():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(200, generator=gen)
+    d, lo, hi = ev.bootstrap_delta(a, a, 500, gen)
+    assert d == lo == hi == 0
+    d, lo, hi = ev.bootstrap_delta(a + 0.1, a, 500, gen)
+    assert 0 < lo <= d <= hi
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("not json", "line 2 is not JSON"),
+    ('{"question": "q", "answer": 0}', "line 2 needs"),
+    ('{"question": "q", "choices": ["a", "b"], "answer": 2}', "line 2 needs"),
+    ('{"question": "q", "choices": ["a"], "answer": 0}', "line 2 needs"),
+    ('{"question": 3, "choices": ["a", "b"], "answer": 0}', "line 2 needs"),
+])
+def test_mc_reader_rejects_malformed_lines(tmp_path, line, needle):
+    f = tmp_path / "mc.jsonl"
+    f.write_text('{"question": "ok?", "choices": [" yes", " no"], "answer": 1}\n' + line + "\n")
+    with pytest.raises(UsageError, match=needle):
+        ev.read_mc(f)
+    f.write_text('{"question": "ok?", "choices": [" yes", " no"], "answer": 1}\n')
+    assert ev.read_mc(f)[0]["answer"] == 1
+
+
+def test_generation_and_bad_inputs(sweep, tmp_path):
+    out, _, _ = sweep
+    p = run("eval.py", f"--out_dir={out}", "--prompt=facts : color red . ask color", "--max_new_tokens=6", *FAST)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "[dense]" in p.stdout and "[sol]" in p.stdout and "mean log-prob under dense" in p.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    for args, needle in ((["--out_dir=" + str(tmp_path / "none")], "no trained policy"),
+                         ([f"--out_dir={out}", "--budgets=0.5,2"], "--budgets"),
+                         ([f"--out_dir={out}", "--budgets=a"], "comma list"),
+                         ([f"--out_dir={out}", f"--mc={bad}"], "line 1 needs"),
+                         ([f"--out_dir={out}", "--prompt=x", "--max_new_tokens=500"], "max_new_tokens")):
+        p = run("eval.py", *args, *FAST)
+        assert p.returncode == 2 and p.stderr.startswith("error:") and needle in p.stderr, (args, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1
