@@ -96,7 +96,7 @@ def sparse_mask(q, k, keep, acfg):
     if M <= 1:
         return mask
     km = k[:, :, Ts:Ts + M]  # (N, H, M, hd) the controllable middle
-    n = torch.ceil(keep * M - 1e-6).long().clamp(1, M)  # -1e-6: 0.3*10 must not round up to 4
+    n = torch.ceil(keep * M * (1 - 1e-6)).long().clamp(1, M)  # float32 0.3 > 0.3: 0.3*170 must not round up to 52
     if acfg.criterion == "recency":
         keep_mid = topn_mask(torch.arange(M, device=k.device).expand(N, H, 1, M), n)
     elif acfg.criterion in ("relevancy", "relevancy_layer"):
@@ -110,7 +110,7 @@ def sparse_mask(q, k, keep, acfg):
         pages = torch.cat([km, pad], 2).view(N, H, P, S, -1)
         kmax, kmin = pages.amax(3), pages.amin(3)  # (N, H, P, hd)
         score = torch.maximum(q * kmax, q * kmin).sum(-1)  # (N, H, P) upper bound of q.k in the page
-        n_pages = torch.ceil(keep * M / S - 1e-6).long().clamp(1, P)
+        n_pages = torch.ceil(keep * M / S * (1 - 1e-6)).long().clamp(1, P)
         keep_mid = topn_mask(score, n_pages).repeat_interleave(S, -1)[..., :M].unsqueeze(2)
     else:
         raise ValueError(f"unknown attention criterion {acfg.criterion!r}; use one of {', '.join(CRITERIA)}")
@@ -228,7 +228,7 @@ class GatedMLP(nn.Module):
         h = F.silu(self.gate(x)) * self.up(x)  # (B, T, hidden)
         if act is None:
             return self.down(h)
-        n = torch.ceil(act[:, 1] * h.size(-1) - 1e-6).long()
+        n = torch.ceil(act[:, 1] * h.size(-1) * (1 - 1e-6)).long()
         h = h * topn_mask(h.abs(), n)  # structured pruning: keep the largest |activation| channels
         return fake_quant(self.down(h), act[:, 2])
 
