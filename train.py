@@ -15,6 +15,8 @@ import hashlib
 import json
 import math
 import os
+import shlex
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -82,7 +84,7 @@ class GRPOConfig:
     kl_coef: float = 0.0  # KL to a frozen copy of the initial policy
     lr: float = 1e-3  # reference 1e-4 over far longer runs
     grad_clip: float = 2.0
-    ckpt_interval: int = 50
+    ckpt_interval: int = 50  # iterations between checkpoints, in pretraining and in GRPO
 
 
 CHOICES = {"reward_agg": ("sum", "max"), "adv_level": ("process", "outcome"), "adv_norm": ("center", "zscore"),
@@ -91,6 +93,18 @@ CHOICES = {"reward_agg": ("sum", "max"), "adv_level": ("process", "outcome"), "a
 
 class UsageError(Exception):
     """Bad input: printed as one line, exit code 2."""
+
+
+# SIGINT/SIGTERM inside a training loop only set a flag: the loop saves a checkpoint at the end of the
+# iteration and exits (never from inside the handler, which could interrupt a save). Elsewhere, or a second
+# signal: stop at once; checkpoints on disk are whole either way.
+STOP = {"signal": 0, "defer": False}
+
+
+def on_signal(signum, frame):
+    first, STOP["signal"] = not STOP["signal"], signum
+    if not (first and STOP["defer"]):
+        raise KeyboardInterrupt
 
 
 # -----------------------------------------------------------------------------
@@ -161,6 +175,11 @@ def targets(g, acfg):
 
 
 def validate(tc, g, gcfg, acfg, pcfg):
+    for cfg in (tc, g, gcfg, acfg, pcfg):
+        for f in fields(cfg):
+            v = getattr(cfg, f.name)
+            if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))):
+                raise UsageError(f"--{f.name}={v} is not a finite number; pass a finite one (default {getattr(type(cfg)(), f.name)})")
     for cfg in (tc, g, acfg):
         for name, allowed in CHOICES.items():
             if hasattr(cfg, name) and getattr(cfg, name) not in allowed:
@@ -237,6 +256,18 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def rng_state(rng):
+    return {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state,
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state, rng):
+    torch.set_rng_state(state["torch"])
+    rng.bit_generator.state = state["numpy"]
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def load_checkpoint(path, what):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -244,14 +275,23 @@ def load_checkpoint(path, what):
         raise UsageError(f"cannot read the {what} checkpoint {path} ({type(e).__name__}); delete it to start over")
 
 
-def pretrain(model, splits, tc, device):
-    """Next-token pretraining of the base GPT on random windows of the train split."""
+def pretrain(model, splits, tc, device, partial, every):
+    """Next-token pretraining of the base GPT on random windows of the train split. Every `every` iterations
+    (and on SIGINT/SIGTERM, then returning None) its whole state goes to `partial`, which a rerun resumes."""
     rng = np.random.default_rng(tc.seed)
     T = model.cfg.block_size
     opt = torch.optim.AdamW(model.parameters(), lr=tc.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, tc.pretrain_iters // 20)
+    start = 0
+    if partial.exists():
+        state = load_checkpoint(partial, "partial base GPT")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["iter"]
+        set_rng_state(state["rng"], rng)
+        print(f"base GPT: resuming pretraining from {partial} at iteration {start}")
     model.train()
-    pbar = tqdm(range(tc.pretrain_iters), desc="pretrain", dynamic_ncols=True)
+    pbar = tqdm(range(start, tc.pretrain_iters), desc="pretrain", dynamic_ncols=True, initial=start, total=tc.pretrain_iters)
     for it in pbar:
         lr = tc.pretrain_lr * min(1, (it + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * it / tc.pretrain_iters))
         for group in opt.param_groups:
@@ -265,6 +305,11 @@ def pretrain(model, splits, tc, device):
         opt.step()
         if it % 20 == 0:
             pbar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+        if (it + 1) % every == 0 or STOP["signal"]:
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "iter": it + 1, "rng": rng_state(rng)}, partial)
+            if STOP["signal"]:
+                pbar.close()
+                return None
     model.eval()
     with torch.no_grad():
         x = episodes(splits["val"], 32, T + 1).to(device)
@@ -406,6 +451,14 @@ def main(argv):
         raise UsageError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
     if ckpt_path.exists() and not (tc.resume or tc.overwrite):
         raise UsageError(f"{out_dir} already holds a run; pass --resume to continue it, --overwrite to start over, or another --out_dir")
+    parent = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not (parent.is_dir() and os.access(parent, os.W_OK)):
+        raise UsageError(f"cannot write to --out_dir={out_dir} ({parent} is not a writable folder); choose another --out_dir")
+    cmd = shlex.join(["python", "train.py", *argv])
+
+    def stop(saved, then):
+        print(f"{signal.Signals(STOP['signal']).name}: saved {saved}; to continue, run {then}", file=sys.stderr)
+        sys.exit(128 + STOP["signal"])
 
     data_dir, meta, splits = load_dataset(tc.dataset)
     gcfg.vocab_size = meta["vocab_size"]
@@ -423,6 +476,8 @@ def main(argv):
     key = json.dumps([asdict(gcfg), meta, tc.pretrain_iters, tc.pretrain_batch, tc.pretrain_lr, tc.seed], sort_keys=True)
     base_path = data_dir / f"base-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
     model = sol.GPT(gcfg).to(device)
+    partial = Path(f"{base_path}.partial")
+    STOP["defer"] = True
     if base_path.exists():
         state = load_checkpoint(base_path, "base GPT")
         if state.get("config") != asdict(gcfg):
@@ -431,9 +486,12 @@ def main(argv):
         print(f"base GPT: reusing {base_path} (val loss {state['val_loss']:.4f})")
     else:
         t0 = time.time()
-        val = pretrain(model, splits, tc, device)
+        val = pretrain(model, splits, tc, device, partial, g.ckpt_interval)
+        if val is None:
+            stop(partial, f"the same command again: {cmd}")
         save_atomic({"model": model.state_dict(), "config": asdict(gcfg), "val_loss": val}, base_path)
         print(f"base GPT: saved to {base_path} after {time.time() - t0:.0f} s")
+    partial.unlink(missing_ok=True)
     model.eval().requires_grad_(False)
 
     # 2. the policy and its optimizer
@@ -442,23 +500,25 @@ def main(argv):
     ref_policy = None
     config = {"train": asdict(tc), "grpo": asdict(g), "gpt": asdict(gcfg), "action": asdict(acfg), "policy": asdict(pcfg),
               "base": str(base_path)}
-    start = 0
+    start, skipped = 0, 0
     if tc.resume:
         state = load_checkpoint(ckpt_path, "policy")
         for part in ("gpt", "action", "policy"):
             if state["config"][part] != config[part]:
                 diff = [k for k in config[part] if state["config"][part].get(k) != config[part][k]]
                 raise UsageError(f"{ckpt_path} was trained with another {part} config ({', '.join(diff)}); use its settings or a new --out_dir")
+        if Path(state["config"]["base"]).name != base_path.name:  # another --dataset, --seed or --pretrain_*
+            raise UsageError(f"{ckpt_path} was trained on another base GPT ({state['config']['base']}); use its settings or a new --out_dir")
         policy.load_state_dict(state["policy"])
         opt.load_state_dict(state["optimizer"])
-        start = state["iter"]
-        torch.set_rng_state(state["rng"]["torch"])
-        rng.bit_generator.state = state["rng"]["numpy"]
+        start, skipped = state["iter"], state.get("skipped", 0)
         print(f"resuming {ckpt_path} at iteration {start}")
+    initial = state["initial_policy"] if tc.resume else {k: v.clone() for k, v in policy.state_dict().items()}
     if g.kl_coef > 0:
         ref_policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.tags)).to(device).requires_grad_(False)
-        ref_policy.load_state_dict(state["initial_policy"] if tc.resume else policy.state_dict())
-    initial = {k: v.clone() for k, v in (ref_policy or policy).state_dict().items()}
+        ref_policy.load_state_dict(initial)
+    if tc.resume:  # last, so nothing above draws from the restored generators
+        set_rng_state(state["rng"], rng)
     lm_flops = sol.matmul_flops(model, C + T, gcfg.n_layer, gcfg.n_embd)
     pol_flops = sol.matmul_flops(policy, T, pcfg.n_layer, pcfg.width)
     print(f"LM {sum(p.numel() for p in model.parameters()):,} params | policy {sum(p.numel() for p in policy.parameters()):,} params "
@@ -469,8 +529,7 @@ def main(argv):
     def save(it):
         out_dir.mkdir(parents=True, exist_ok=True)
         save_atomic({"policy": policy.state_dict(), "optimizer": opt.state_dict(), "iter": it, "config": config,
-                     "initial_policy": initial,
-                     "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state}}, ckpt_path)
+                     "initial_policy": initial, "skipped": skipped, "rng": rng_state(rng)}, ckpt_path)
 
     # 3. GRPO
     B, K = g.batch_size, g.rollouts
@@ -508,14 +567,24 @@ def main(argv):
                     ref_all = policy_logprobs(ref_policy, roll)[2]
                     loss = loss + g.kl_coef * (logp_all.exp() * (logp_all - ref_all)).sum(-1).mean()
                 (loss / (g.grad_accum * g.ppo_epochs)).backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), g.grad_clip)
-        opt.step()
+        # a non-finite reward, advantage or loss makes every gradient non-finite: skip the update, never average it in
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(policy.parameters(), g.grad_clip)):
+            opt.step()
+        else:
+            skipped += 1
+            tqdm.write(f"warning: iteration {it + 1}: non-finite reward, advantage or loss; update skipped ({skipped} so far)")
         ach = roll["achieved"].mean(0)
         pbar.set_postfix(reward=f"{roll['logp'].mean():.3f}", dense=f"{dense['logp'].mean():.3f}",
                          keep=f"{ach[0]:.2f}", prune=f"{ach[1]:.2f}", bits=f"{ach[2] * 16:.1f}",
-                         gap=f"{(roll['achieved'] - target.repeat_interleave(K, 0)).abs().mean():.3f}")
-        if (it + 1) % g.ckpt_interval == 0 or it + 1 == g.max_iters:
+                         gap=f"{(roll['achieved'] - target.repeat_interleave(K, 0)).abs().mean():.3f}", skipped=skipped)
+        if (it + 1) % g.ckpt_interval == 0 or it + 1 == g.max_iters or STOP["signal"]:
             save(it + 1)
+        if STOP["signal"]:
+            pbar.close()
+            stop(f"{ckpt_path} at iteration {it + 1}", cmd if tc.resume else f"{cmd} --resume")
+    STOP["defer"] = False
+    if skipped:
+        print(f"warning: {skipped} of {g.max_iters} GRPO updates were skipped for non-finite rewards, advantages or losses")
     if start >= g.max_iters:
         print(f"{ckpt_path} already finished {start} iterations; evaluating it")
     save(max(start, g.max_iters))
@@ -541,11 +610,13 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
         main(sys.argv[1:])
-    except (UsageError, ValueError, FileNotFoundError, PermissionError) as e:
+    except (UsageError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; checkpoints written so far are intact (continue with --resume)", file=sys.stderr)
-        sys.exit(130)
+        print("interrupted; checkpoints written so far are intact (rerun to continue, with --resume once ckpt.pt exists)", file=sys.stderr)
+        sys.exit(128 + (STOP["signal"] or signal.SIGINT))
