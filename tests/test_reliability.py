@@ -129,6 +129,16 @@ def test_finished_run_is_kept_unless_overwrite(finished, tmp_path, capsys):
     assert json.loads((work / "eval.json").read_text())["results"] == json.loads(before["eval.json"])["results"]
 
 
+def test_resume_with_a_kl_reference_is_exact(tmp_path):
+    # the frozen reference policy is built before the generators are restored, from the saved initial policy
+    results = []
+    for name, runs in (("straight", [[]]), ("resumed", [["--max_iters=2"], ["--resume"]])):
+        for extra in runs:
+            train.main([*TINY, "--kl_coef=0.1", f"--out_dir={tmp_path / name}", *extra])
+        results.append(json.loads((tmp_path / name / "eval.json").read_text())["results"])
+    assert results[0] == results[1]
+
+
 def test_one_step_rollouts_and_one_sequence_batches_train(tmp_path):
     train.main([*TINY, "--rollout_len=1", "--batch_size=1", f"--out_dir={tmp_path / 'out'}"])
     rows = json.loads((tmp_path / "out" / "eval.json").read_text())["results"]
