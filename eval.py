@@ -15,7 +15,6 @@ Methods, all on the same frozen GPT, test episodes and controllable steps:
   heuristic  dense after a step whose prediction was uncertain (high entropy), cheapest otherwise
 """
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -25,7 +24,8 @@ import numpy as np
 import torch
 
 import sol
-from train import UsageError, axes, calibrate, episodes, load_checkpoint, load_dataset, parse_args, prefill
+from sol import decode, prefill
+from train import UsageError, axes, calibrate, episodes, load_checkpoint, load_dataset, parse_args
 
 
 @dataclass
@@ -44,21 +44,6 @@ class EvalConfig:
     mc: str = ""  # multiple choice: a JSONL file, or "synth" for the task built from the default corpus
     mc_questions: int = 200  # at most this many questions
     plot: bool = True
-
-
-@torch.no_grad()
-def decode(model, eps, target, make_scheduler, grid, acfg, C, batch):
-    """Every episode under a schedule: per-episode mean NLL (E,), achieved budget (3,), actions (E, T)."""
-    T = eps.size(1) - C - 1
-    nll, spent, actions = [], 0, []
-    for i in range(0, len(eps), batch):
-        x = eps[i:i + batch]
-        cache, h0 = prefill(model, x, C, T)
-        roll = sol.rollout(model, cache, h0, x[:, C:], target.expand(len(x), 3), make_scheduler(), grid, acfg)
-        nll.append(-roll["logp"].mean(1))
-        spent = spent + roll["achieved"].sum(0)
-        actions.append(roll["action"])
-    return torch.cat(nll), spent / len(eps), torch.cat(actions)
 
 
 def combine(acfg, per_axis):

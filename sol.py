@@ -368,6 +368,30 @@ def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=Non
     return out
 
 
+def prefill(model, x, C, T):
+    """Dense prefill of the context x[:, :C] into a cache with room for T more steps; returns the cache
+    and the last hidden state."""
+    cache = model.new_cache(x.size(0), C + T)
+    _, h = model(x[:, :C], cache)
+    return cache, h[:, -1]
+
+
+@torch.no_grad()
+def decode(model, eps, target, make_scheduler, grid, acfg, C, batch):
+    """Every episode eps (E, C+T+1) under a fresh scheduler per batch: the mean NLL over the T controlled
+    steps of each episode (E,), the achieved budget (3,) and the actions (E, T)."""
+    T = eps.size(1) - C - 1
+    nll, spent, actions = [], 0, []
+    for i in range(0, len(eps), batch):
+        x = eps[i:i + batch]
+        cache, h0 = prefill(model, x, C, T)
+        roll = rollout(model, cache, h0, x[:, C:], target.expand(len(x), 3), make_scheduler(), grid, acfg)
+        nll.append(-roll["logp"].mean(1))
+        spent = spent + roll["achieved"].sum(0)
+        actions.append(roll["action"])
+    return torch.cat(nll), spent / len(eps), torch.cat(actions)
+
+
 def dense_scheduler(grid):
     return lambda t, obs: torch.full((obs["emb"].size(0),), grid.dense, dtype=torch.long, device=obs["emb"].device)
 

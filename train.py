@@ -371,28 +371,8 @@ def policy_logprobs(policy, roll):
     return logp_all.gather(-1, roll["action"][..., None])[..., 0], -(logp_all.exp() * logp_all).sum(-1), logp_all
 
 
-def prefill(model, x, C, T):
-    """Dense prefill of the context x[:, :C]; returns the KV cache and the last hidden state."""
-    cache = model.new_cache(x.size(0), C + T)
-    _, h = model(x[:, :C], cache)
-    return cache, h[:, -1]
-
 # -----------------------------------------------------------------------------
 # evaluation: SOL, dense, and static at SOL's achieved budget, on the same held-out episodes
-
-
-@torch.no_grad()
-def run_schedule(model, eps, target, make_scheduler, grid, acfg, C, batch):
-    """Per-episode mean NLL over the controlled steps, and the achieved budget (fractions of dense)."""
-    T = eps.size(1) - C - 1
-    nll, achieved = [], []
-    for i in range(0, len(eps), batch):
-        x = eps[i:i + batch]
-        cache, h0 = prefill(model, x, C, T)
-        roll = sol.rollout(model, cache, h0, x[:, C:], target.expand(len(x), 3), make_scheduler(), grid, acfg)
-        nll.append(-roll["logp"].mean(1))
-        achieved.append(roll["achieved"].sum(0))
-    return torch.cat(nll), torch.stack(achieved).sum(0) / len(eps)
 
 
 def axes(v):
@@ -413,7 +393,7 @@ def calibrate(model, policy, eps, fixed, grid, acfg, C, batch, steps=8):
             for _ in range(steps):
                 lam[axis] = (lo + hi) / 2
                 scheduler = lambda: sol.policy_scheduler(policy, greedy=True, bias=grid.budget.to(lam.device) @ lam)
-                achieved = run_schedule(model, eps, target, scheduler, grid, acfg, C, batch)[1]
+                achieved = sol.decode(model, eps, target, scheduler, grid, acfg, C, batch)[1]
                 lo, hi = (lam[axis].item(), hi) if achieved[axis] < target[axis] else (lo, lam[axis].item())
             lam[axis] = (lo + hi) / 2
     return lam
@@ -423,12 +403,12 @@ def evaluate(model, policy, eps, fixed, grid, acfg, C, batch, lam):
     """SOL (greedy, budget-calibrated), dense, and static at SOL's achieved budget, on the same episodes."""
     target = torch.tensor([1.0 if v is None else v for v in fixed], device=eps.device)
     bias = grid.budget.to(eps.device) @ lam
-    nll, achieved = run_schedule(model, eps, target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias), grid, acfg, C, batch)
+    nll, achieved, _ = sol.decode(model, eps, target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias), grid, acfg, C, batch)
     rows = [("sol", fixed, nll, achieved)]
-    nll, dense = run_schedule(model, eps, target, lambda: sol.dense_scheduler(grid), grid, acfg, C, batch)
+    nll, dense, _ = sol.decode(model, eps, target, lambda: sol.dense_scheduler(grid), grid, acfg, C, batch)
     rows.append(("dense", [1.0, 1.0, 1.0], nll, dense))
     matched = achieved.tolist()
-    nll, static = run_schedule(model, eps, target, lambda: sol.static_scheduler(acfg, matched), grid, acfg, C, batch)
+    nll, static, _ = sol.decode(model, eps, target, lambda: sol.static_scheduler(acfg, matched), grid, acfg, C, batch)
     rows.append(("static", matched, nll, static))
     T = eps.size(1) - C - 1
     return [{"method": m, "target": axes(t), "achieved": axes(a.tolist()), "nll": n.mean().item(),
@@ -541,7 +521,7 @@ def main(argv):
             x = random_windows(splits["train"], B, C + T + 1, rng).to(device)  # (B, C+T+1)
             target = sample_targets(g, fixed, B, rng).to(device)  # (B, 3)
             # prefill the context once, densely; the K rollouts of a sequence start from copies of it
-            cache, h0 = prefill(model, x, C, T)
+            cache, h0 = sol.prefill(model, x, C, T)
             cache_k = cache.repeat(K)
             # the dense reference over the controlled steps
             dense = sol.rollout(model, cache, h0, x[:, C:], target, sol.dense_scheduler(grid), grid, acfg, keep_logprobs=g.task_w_kl > 0)

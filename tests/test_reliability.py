@@ -362,9 +362,9 @@ def test_single_row_evaluation():
     eps, target = torch.randint(0, CFG.vocab_size, (1, 40 + 4 + 1)), torch.full((3,), 0.5)
     for make in (lambda: sol.dense_scheduler(grid), lambda: sol.static_scheduler(acfg, [0.5, 0.5, 0.5]),
                  lambda: sol.policy_scheduler(policy, greedy=True), lambda: sol.policy_scheduler(policy, greedy=False)):
-        nll, achieved = train.run_schedule(model, eps, target, make, grid, acfg, 40, 1)
+        nll, achieved, _ = sol.decode(model, eps, target, make, grid, acfg, 40, 1)
         assert nll.shape == (1,) and torch.isfinite(nll).all() and achieved.shape == (3,)
-        cache, h0 = train.prefill(model, eps, 40, 4)
+        cache, h0 = sol.prefill(model, eps, 40, 4)
         roll = sol.rollout(model, cache, h0, eps[:, 40:], target[None], make(), grid, acfg)
         assert roll["logp"].shape == (1, 4) and torch.isfinite(roll["logp"]).all()
 

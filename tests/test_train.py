@@ -141,3 +141,8 @@ def test_real_text_end_to_end(tmp_path):
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert report["config"]["gpt"]["vocab_size"] == 50304  # GPT-2 BPE, padded
     assert all(math.isfinite(r["nll"]) for r in report["results"])
+    p = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"--out_dir={tmp_path / 'out'}", "--val_episodes=4",
+                        "--eval_episodes=4", "--search_schedules=2", "--bootstrap=50"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, TIKTOKEN_CACHE_DIR=str(SHARED / "tiktoken")))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert {r["method"] for r in json.loads((tmp_path / "out" / "eval.json").read_text())["results"]} >= {"sol", "search", "heuristic"}
