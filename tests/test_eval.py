@@ -12,11 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval as ev  # noqa: E402
 import sol  # noqa: E402
+from test_train import TINY  # noqa: E402
 from train import UsageError  # noqa: E402
 
-TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--mlp_hidden=64", "--block_size=64", "--width=16",
-        "--context_len=40", "--rollout_len=4", "--pretrain_iters=10", "--pretrain_batch=4", "--max_iters=3",
-        "--batch_size=2", "--rollouts=2", "--eval_episodes=8"]
 FAST = ["--val_episodes=8", "--eval_episodes=12", "--search_schedules=6", "--bootstrap=200", "--mc_questions=5"]
 
 
