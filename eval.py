@@ -56,16 +56,11 @@ def mix_plan(acfg, budget, n, T, gen):
     """n schedules of T steps whose per-axis mean equals budget: the two grid values around it in the right
     proportion (random rounding of the count), in random order per schedule. (n, T, 3) value indices."""
     plan = torch.zeros(n, T, 3, dtype=torch.long)
-    for axis, values in enumerate((acfg.keep, acfg.prune, acfg.bits)):
-        fr = sorted(v / (16 if axis == 2 else 1) for v in values)
-        b = min(max(budget[axis], fr[0]), fr[-1])
-        i = max(j for j in range(len(fr)) if fr[j] <= b + 1e-9)
-        j = min(i + 1, len(fr) - 1)
-        f = 0.0 if i == j else (b - fr[i]) / (fr[j] - fr[i])
+    for axis, (values, scale) in enumerate(sol.axis_lists(acfg)):
+        lo, hi, f = sol.bracket(values, scale, budget[axis])
         n_hi = (f * T + torch.rand(n, generator=gen)).floor().long()  # E[n_hi] = f*T exactly
-        hi = torch.argsort(torch.rand(n, T, generator=gen), 1) < n_hi[:, None]
-        order = sorted(range(len(values)), key=lambda k: values[k])
-        plan[..., axis] = torch.where(hi, order[j], order[i])
+        upper = torch.argsort(torch.rand(n, T, generator=gen), 1) < n_hi[:, None]
+        plan[..., axis] = torch.where(upper, hi, lo)
     return plan
 
 
@@ -73,9 +68,9 @@ def search_candidates(acfg, budget, n, T, gen):
     """Random schedules at the budget: every step's value drawn from the whole grid, then single steps moved
     one grid value up or down until the per-axis mean is within 0.005 of the budget. (n, T, 3) indices."""
     plan = torch.zeros(n, T, 3, dtype=torch.long)
-    for axis, values in enumerate((acfg.keep, acfg.prune, acfg.bits)):
+    for axis, (values, scale) in enumerate(sol.axis_lists(acfg)):
         order = sorted(range(len(values)), key=lambda k: values[k])
-        fr = torch.tensor(sorted(values), dtype=torch.float64) / (16 if axis == 2 else 1)
+        fr = torch.tensor(sorted(values), dtype=torch.float64) / scale
         b = min(max(budget[axis], fr[0].item()), fr[-1].item())
         for s in range(n):
             lv = torch.randint(0, len(fr), (T,), generator=gen)

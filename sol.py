@@ -396,26 +396,32 @@ def dense_scheduler(grid):
     return lambda t, obs: torch.full((obs["emb"].size(0),), grid.dense, dtype=torch.long, device=obs["emb"].device)
 
 
+def bracket(values, scale, b):
+    """The grid values around the budget fraction b (indices lo, hi into values) and the share f of steps
+    at the upper one that makes their mix average to b."""
+    fr = [v / scale for v in values]
+    b = min(max(b, min(fr)), max(fr))
+    lo = max((i for i in range(len(fr)) if fr[i] <= b + 1e-9), key=fr.__getitem__)
+    hi = min((i for i in range(len(fr)) if fr[i] >= b - 1e-9), key=fr.__getitem__)
+    return lo, hi, 0.0 if fr[hi] == fr[lo] else (b - fr[lo]) / (fr[hi] - fr[lo])
+
+
+def axis_lists(acfg):
+    return ((acfg.keep, 1.0), (acfg.prune, 1.0), (acfg.bits, 16.0))  # each with the scale of its dense value
+
+
 def static_scheduler(acfg, achieved):
     """The same setting every step: on each axis, the two grid values around the requested budget
     fraction, mixed in a fixed round-robin (over all rows and steps) so their average hits it."""
-    top = (1.0, 1.0, 16.0)
-    plans = []
-    for axis, values in enumerate((acfg.keep, acfg.prune, acfg.bits)):
-        fracs = sorted(v / top[axis] for v in values)
-        b = min(max(float(achieved[axis]), fracs[0]), fracs[-1])
-        i = max(j for j in range(len(fracs)) if fracs[j] <= b + 1e-9)
-        j = min(i + 1, len(fracs) - 1)
-        f = 0.0 if j == i else (b - fracs[i]) / (fracs[j] - fracs[i])  # share of steps at the upper value
-        plans.append((list(values), sorted(values)[i], sorted(values)[j], f))
+    plans = [(len(v), *bracket(v, scale, float(b))) for (v, scale), b in zip(axis_lists(acfg), achieved)]
 
     def pick(t, obs):
         N = obs["emb"].size(0)
         n = (t * N + torch.arange(N, device=obs["emb"].device)).double()  # one cycle over all rows and steps
         a = torch.zeros(N, dtype=torch.long, device=n.device)
-        for values, lo, hi, f in plans:
+        for size, lo, hi, f in plans:
             upper = torch.floor((n + 1) * f) > torch.floor(n * f)
-            a = a * len(values) + torch.where(upper, values.index(hi), values.index(lo))
+            a = a * size + torch.where(upper, hi, lo)
         return a
     return pick
 
