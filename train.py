@@ -145,7 +145,7 @@ def parse_args(argv, cfgs):
             raise UsageError(f"unexpected argument {arg!r}; options look like --name=value (see --help)")
         name, eq, text = arg[2:].partition("=")
         if name not in flags:
-            raise UsageError(f"unknown option --{name}; see python train.py --help for the list")
+            raise UsageError(f"unknown option --{name}; see python {Path(sys.argv[0]).name} --help for the list")
         default = getattr(flags[name], name)
         if not eq:
             if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
