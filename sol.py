@@ -9,8 +9,10 @@ the policy, dense, or static allocation.
 """
 import copy
 import itertools
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -30,6 +32,15 @@ class GPTConfig:
     n_embd: int = 128
     mlp_hidden: int = 384  # gated MLP width, ~8/3 of 4*n_embd as in SwiGLU models
     rope_theta: float = 10000.0
+    # the architecture of a pretrained checkpoint (GPT.from_pretrained); the defaults are the small model above
+    n_kv_head: int = None  # grouped-query attention: key/value heads; None = n_head
+    norm: str = "rms"  # rms | layer (LayerNorm with bias, GPT-2)
+    norm_eps: float = 1e-6
+    mlp: str = "gated"  # gated (SwiGLU) | gelu (GPT-2)
+    pos: str = "rope"  # rope | learned (GPT-2)
+    bias: bool = False  # biases in every linear layer but the head (GPT-2)
+    tie_embeddings: bool = True
+    rope_scaling: dict = None  # Llama-3: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
 
 
 @dataclass
@@ -78,7 +89,7 @@ def fake_quant(x, bits):
     qmax = 2.0 ** (bits - 1) - 1
     scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax  # clamp: an all-zero token stays 0
     xq = (x / scale).round().clamp(-qmax, qmax) * scale
-    return torch.where(bits >= 16, x, xq)
+    return torch.where(bits >= 16, x, xq.to(x.dtype))
 
 
 def controllable(past, acfg):
@@ -143,8 +154,8 @@ def action_grid(acfg):
 class KVCache:
     """Keys and values of every layer for N rows and up to `size` positions, filled left to right."""
 
-    def __init__(self, n_layer, N, n_head, size, head_dim, device):
-        self.k = torch.zeros(n_layer, N, n_head, size, head_dim, device=device)
+    def __init__(self, n_layer, N, n_head, size, head_dim, device, dtype=torch.float32):
+        self.k = torch.zeros(n_layer, N, n_head, size, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.len = 0
 
@@ -155,8 +166,14 @@ class KVCache:
         return c
 
 
-def rope_tables(T, head_dim, theta):
+def rope_tables(T, head_dim, theta, scaling=None):
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    if scaling:  # Llama-3: slow the low frequencies by `factor`, keep the high ones, blend in between
+        s = scaling
+        wavelen = 2 * math.pi / inv_freq
+        ratio = s["original_max_position_embeddings"] / wavelen
+        blend = ((ratio - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
+        inv_freq = (1 - blend) * inv_freq / s["factor"] + blend * inv_freq
     f = torch.outer(torch.arange(T).float(), inv_freq)
     return f.cos(), f.sin()  # (T, head_dim/2)
 
@@ -185,21 +202,28 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+    def forward(self, x):  # in float32 even for a bfloat16 model, as Llama does
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def make_norm(cfg):
+    return RMSNorm(cfg.n_embd, cfg.norm_eps) if cfg.norm == "rms" else nn.LayerNorm(cfg.n_embd, cfg.norm_eps)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd, n_head):
+    def __init__(self, n_embd, n_head, n_kv_head=None, bias=False):
         super().__init__()
-        self.n_head = n_head
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
-        self.proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.n_head, self.n_kv_head = n_head, n_kv_head or n_head
+        self.kv_dim = n_embd // n_head * self.n_kv_head
+        self.qkv = nn.Linear(n_embd, n_embd + 2 * self.kv_dim, bias=bias)
+        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.fused = True
 
     def forward(self, x, rope=None, cache=None, layer=0, act=None, acfg=None):
         B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in self.qkv(x).split(C, 2))  # (B, H, T, hd)
+        hd = C // self.n_head
+        q, k, v = (t.view(B, T, -1, hd).transpose(1, 2) for t in self.qkv(x).split([C, self.kv_dim, self.kv_dim], 2))  # (B, H or H_kv, T, hd)
         start = cache.len if cache is not None else 0
         if rope is not None:
             cos, sin = rope[0][start:start + T], rope[1][start:start + T]
@@ -207,7 +231,10 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if cache is not None:
             cache.k[layer, :, :, start:start + T], cache.v[layer, :, :, start:start + T] = k, v
-            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]  # (B, H, L, hd)
+            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]  # (B, H_kv, L, hd)
+        if self.n_kv_head != self.n_head:  # grouped-query attention: each key/value head serves H/H_kv query heads
+            k, v = k.repeat_interleave(self.n_head // self.n_kv_head, 1), v.repeat_interleave(self.n_head // self.n_kv_head, 1)
+        if cache is not None:
             pos = torch.arange(start + T, device=x.device)
             mask = pos[None, :] <= pos[start:, None]  # (T, L) causal, offset by the cached prefix
             if act is not None:
@@ -217,15 +244,17 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-class GatedMLP(nn.Module):
-    def __init__(self, n_embd, hidden):
+class MLP(nn.Module):
+    """SwiGLU, down(silu(gate x) * up x), or GPT-2's down(gelu(up x)); the knobs act on the hidden channels."""
+
+    def __init__(self, n_embd, hidden, gated=True, bias=False):
         super().__init__()
-        self.gate = nn.Linear(n_embd, hidden, bias=False)
-        self.up = nn.Linear(n_embd, hidden, bias=False)
-        self.down = nn.Linear(hidden, n_embd, bias=False)
+        self.gate = nn.Linear(n_embd, hidden, bias=bias) if gated else None
+        self.up = nn.Linear(n_embd, hidden, bias=bias)
+        self.down = nn.Linear(hidden, n_embd, bias=bias)
 
     def forward(self, x, act=None):
-        h = F.silu(self.gate(x)) * self.up(x)  # (B, T, hidden)
+        h = F.silu(self.gate(x)) * self.up(x) if self.gate is not None else F.gelu(self.up(x), approximate="tanh")  # (B, T, hidden)
         if act is None:
             return self.down(h)
         n = torch.ceil(act[:, 1] * h.size(-1) * (1 - 1e-6)).long()
@@ -234,11 +263,11 @@ class GatedMLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd, n_head, hidden):
+    def __init__(self, cfg):
         super().__init__()
-        self.norm1, self.norm2 = RMSNorm(n_embd), RMSNorm(n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head)
-        self.mlp = GatedMLP(n_embd, hidden)
+        self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.bias)
+        self.mlp = MLP(cfg.n_embd, cfg.mlp_hidden, cfg.mlp == "gated", cfg.bias)
 
     def forward(self, x, rope=None, cache=None, layer=0, act=None, acfg=None):
         x = x + self.attn(self.norm1(x), rope, cache, layer, act, acfg)
@@ -250,12 +279,15 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg.n_embd, cfg.n_head, cfg.mlp_hidden) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.wte.weight = self.lm_head.weight  # tied, as in GPT-2
-        for name, t in zip(("cos", "sin"), rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta)):
-            self.register_buffer(name, t, persistent=False)
+        if cfg.tie_embeddings:
+            self.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        if cfg.pos == "rope":
+            for name, t in zip(("cos", "sin"), rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.rope_scaling)):
+                self.register_buffer(name, t, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("proj.weight", "down.weight")):  # scaled residual init, as GPT-2
@@ -265,9 +297,25 @@ class GPT(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, 0.0, 0.02)
 
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        """A frozen GPT from a Hugging Face-style checkpoint folder of a llama or gpt2 model, without transformers.
+        Built on the meta device, then each tensor is read and copied into place: one copy in memory, in dtype."""
+        cfg = hf_config(path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to(dtype).to_empty(device=device)
+        if cfg.tie_embeddings:
+            model.wte.weight = model.lm_head.weight
+        if cfg.pos == "rope":  # buffers are not in checkpoints: compute them (in float32, then cast, as Llama)
+            tables = rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.rope_scaling)
+            model.cos, model.sin = (t.to(device, dtype) for t in tables)
+        load_weights(model, Path(path))
+        return model.eval().requires_grad_(False)
+
     def new_cache(self, N, size):
-        c = self.cfg
-        return KVCache(c.n_layer, N, c.n_head, size, c.n_embd // c.n_head, self.lm_head.weight.device)
+        c, w = self.cfg, self.lm_head.weight
+        return KVCache(c.n_layer, N, c.n_kv_head or c.n_head, size, c.n_embd // c.n_head, w.device, w.dtype)
 
     def forward(self, idx, cache=None, act=None, acfg=None):
         """idx (B, T) -> logits (B, T, V) and final hidden states (B, T, C). With a cache the T tokens are
@@ -275,12 +323,125 @@ class GPT(nn.Module):
         start = cache.len if cache is not None else 0
         assert start + idx.size(1) <= self.cfg.block_size, "sequence longer than block_size"
         x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + idx.size(1), device=idx.device))
+        rope = (self.cos, self.sin) if self.wpe is None else None
         for i, block in enumerate(self.blocks):
-            x = block(x, (self.cos, self.sin), cache, i, act, acfg)
+            x = block(x, rope, cache, i, act, acfg)
         if cache is not None:
             cache.len += idx.size(1)
         h = self.norm(x)
         return self.lm_head(h), h
+
+# -----------------------------------------------------------------------------
+# pretrained checkpoints: a folder with config.json and model.safetensors (or shards and their index, or pytorch_model.bin)
+
+
+def hf_config(path):
+    """The GPTConfig of a checkpoint folder's config.json (model_type llama or gpt2)."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ValueError(f"{path} is not a checkpoint folder: it has no config.json")
+    c = json.loads(file.read_text())
+    try:
+        if c.get("model_type") == "gpt2":
+            if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise ValueError(f"{file}: activation {c['activation_function']} is not supported (gelu_new only)")
+            return GPTConfig(block_size=c["n_positions"], vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
+                             n_embd=c["n_embd"], mlp_hidden=c.get("n_inner") or 4 * c["n_embd"], norm="layer",
+                             norm_eps=c["layer_norm_epsilon"], mlp="gelu", pos="learned", bias=True,
+                             tie_embeddings=c.get("tie_word_embeddings", True))
+        if c.get("model_type") == "llama":
+            rope = {**(c.get("rope_scaling") or {}), **(c.get("rope_parameters") or {})}  # transformers 4 | 5
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            head_dim = c["hidden_size"] // c["num_attention_heads"]
+            if kind not in ("default", "llama3"):
+                raise ValueError(f"{file}: rope type {kind!r} is not supported (default or llama3)")
+            if c.get("hidden_act", "silu") != "silu" or c.get("head_dim", head_dim) != head_dim:
+                raise ValueError(f"{file}: only silu MLPs with head_dim = hidden_size / num_attention_heads are supported")
+            if c.get("attention_bias", False) != c.get("mlp_bias", False):
+                raise ValueError(f"{file}: attention_bias and mlp_bias must agree")
+            return GPTConfig(block_size=c["max_position_embeddings"], vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"],
+                             n_head=c["num_attention_heads"], n_embd=c["hidden_size"], mlp_hidden=c["intermediate_size"],
+                             rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+                             n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"], norm_eps=c["rms_norm_eps"],
+                             bias=c.get("attention_bias", False), tie_embeddings=c.get("tie_word_embeddings", False),
+                             rope_scaling={k: float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                                     "original_max_position_embeddings")} if kind == "llama3" else None)
+    except KeyError as e:
+        raise ValueError(f"{file} lacks {e}, which a {c['model_type']} config needs") from None
+    raise ValueError(f"{file}: model_type {c.get('model_type')!r} is not supported; use a llama or gpt2 checkpoint")
+
+
+def checkpoint_names(cfg):
+    """Where each checkpoint tensor goes: {name: (our parameter, its rows or None, stored transposed)}."""
+    C, kv = cfg.n_embd, cfg.n_embd // cfg.n_head * (cfg.n_kv_head or cfg.n_head)
+    kinds = ("weight", "bias") if cfg.bias else ("weight",)
+    names = {} if cfg.tie_embeddings else {"lm_head.weight": ("lm_head.weight", None, False)}
+    if cfg.pos == "learned":  # GPT-2, whose Conv1D layers store weights as (in, out)
+        names |= {"wte.weight": ("wte.weight", None, False), "wpe.weight": ("wpe.weight", None, False),
+                  "ln_f.weight": ("norm.weight", None, False), "ln_f.bias": ("norm.bias", None, False)}
+        pairs = (("ln_1", "norm1"), ("ln_2", "norm2"), ("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"),
+                 ("mlp.c_fc", "mlp.up"), ("mlp.c_proj", "mlp.down"))
+        for i in range(cfg.n_layer):
+            names |= {f"h.{i}.{theirs}.{k}": (f"blocks.{i}.{ours}.{k}", None, k == "weight" and not theirs.startswith("ln"))
+                      for theirs, ours in pairs for k in kinds}
+        return names
+    names |= {"model.embed_tokens.weight": ("wte.weight", None, False), "model.norm.weight": ("norm.weight", None, False)}
+    rows = {"q": slice(0, C), "k": slice(C, C + kv), "v": slice(C + kv, C + 2 * kv)}  # q, k, v fused into one qkv
+    pairs = (("self_attn.o_proj", "attn.proj"), ("mlp.gate_proj", "mlp.gate"), ("mlp.up_proj", "mlp.up"), ("mlp.down_proj", "mlp.down"))
+    for i in range(cfg.n_layer):
+        p, b = f"model.layers.{i}.", f"blocks.{i}."
+        names |= {p + "input_layernorm.weight": (b + "norm1.weight", None, False),
+                  p + "post_attention_layernorm.weight": (b + "norm2.weight", None, False)}
+        names |= {f"{p}self_attn.{x}_proj.{k}": (f"{b}attn.qkv.{k}", rows[x], False) for x in "qkv" for k in kinds}
+        names |= {f"{p}{theirs}.{k}": (f"{b}{ours}.{k}", None, False) for theirs, ours in pairs for k in kinds}
+    return names
+
+
+def read_tensors(path):
+    """(name, tensor) of every tensor in a checkpoint folder, one at a time (memory-mapped, nothing read twice)."""
+    index, single, pickled = path / "model.safetensors.index.json", path / "model.safetensors", path / "pytorch_model.bin"
+    if index.is_file() or single.is_file():
+        try:
+            from safetensors import safe_open
+        except ImportError:
+            raise ValueError(f"{path} holds .safetensors weights: pip install safetensors to read them") from None
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [single.name]
+        for f in files:
+            with safe_open(path / f, framework="pt") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name)
+    elif pickled.is_file():
+        try:
+            state = torch.load(pickled, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise ValueError(f"cannot read {pickled} as plain tensors ({type(e).__name__}); convert it to safetensors") from None
+        yield from state.items()
+    else:
+        raise ValueError(f"no weights in {path}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+@torch.no_grad()
+def load_weights(model, path):
+    """Copy a checkpoint's tensors into model (cast to its dtype, on its device), checking names and shapes."""
+    cfg, names, params = model.cfg, checkpoint_names(model.cfg), dict(model.named_parameters())
+    kind = "gpt2" if cfg.pos == "learned" else "llama"
+    missing = set(names)
+    for name, t in read_tensors(path):
+        name = name.removeprefix("transformer.") if kind == "gpt2" else name
+        if name not in names:
+            if name.endswith((".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")) or name == "lm_head.weight":
+                continue  # causal-mask and rope buffers, and the copy of the embedding a tied checkpoint may store
+            raise ValueError(f"{path} holds {name}, which is no part of a {kind} model as its config.json describes")
+        ours, rows, transposed = names[name]
+        dst, t = params[ours] if rows is None else params[ours][rows], t.t() if transposed else t
+        if t.shape != dst.shape:
+            raise ValueError(f"{name} in {path} has shape {tuple(t.shape)}, but its config.json implies {tuple(dst.shape)}")
+        dst.copy_(t)
+        missing.discard(name)
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} tensors its config.json implies, e.g. {sorted(missing)[0]}")
 
 # -----------------------------------------------------------------------------
 # the policy
@@ -297,7 +458,8 @@ class Policy(nn.Module):
         self.act_emb = nn.Embedding(n_actions + 1, pcfg.act_emb)  # index n_actions is BOS
         self.inp = nn.Linear(2 * d_lm + pcfg.scalar_hidden + pcfg.act_emb, pcfg.width)
         self.pos = nn.Embedding(pcfg.max_steps, pcfg.width)
-        self.blocks = nn.ModuleList(Block(pcfg.width, pcfg.n_head, 4 * pcfg.width) for _ in range(pcfg.n_layer))
+        block = GPTConfig(n_embd=pcfg.width, n_head=pcfg.n_head, mlp_hidden=4 * pcfg.width)
+        self.blocks = nn.ModuleList(Block(block) for _ in range(pcfg.n_layer))
         self.norm = RMSNorm(pcfg.width)
         self.head = nn.Linear(pcfg.width, n_actions)
         self.budget_head = nn.Linear(3, n_actions)  # lets the targets shift the logits directly

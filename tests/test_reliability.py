@@ -317,7 +317,7 @@ def test_every_action_gives_finite_logits(criterion, kind):
 def test_mlp_and_attention_survive_huge_and_zero_inputs():
     acfg, grid = sol.ActionConfig(), sol.action_grid(sol.ActionConfig())
     torch.manual_seed(0)
-    mlp, A = sol.GatedMLP(32, 48), len(grid.tags)
+    mlp, A = sol.MLP(32, 48), len(grid.tags)
     for scale in (0.0, 1e-30, 1.0, 1e4):
         assert torch.isfinite(mlp(torch.randn(A, 1, 32) * scale, grid.values)).all(), scale
         q, k, v = (torch.randn(A, 2, 1 if i == 0 else 40, 16) * scale for i in range(3))

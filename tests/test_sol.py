@@ -120,7 +120,7 @@ def test_rows_are_independent(model):
 
 def test_topn_and_mlp_pruning_keep_the_right_channels():
     torch.manual_seed(0)
-    mlp = sol.GatedMLP(16, 40)
+    mlp = sol.MLP(16, 40)
     x = torch.randn(4, 1, 16)
     prune = torch.tensor([0.4, 0.55, 0.8, 1.0])
     act = torch.stack([torch.ones(4), prune, torch.full((4,), 16.0)], 1)
