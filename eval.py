@@ -5,6 +5,7 @@ Evaluate a trained SOL policy against every baseline at the same achieved budget
     python eval.py --out_dir out --budgets 0.2,0.35,0.5,0.65,0.8  # a sweep, and a Pareto plot
     python eval.py --out_dir out --prompt "facts : color red ." --max_new_tokens 24
     python eval.py --out_dir out --mc path/to/mmlu.jsonl           # multiple choice, by log-likelihood
+    python eval.py --out_dir out --init_from path/to/gpt2          # a run trained on a checkpoint that has moved
 
 Methods, all on the same frozen GPT, test episodes and controllable steps:
   sol        the policy, greedy, its budget calibrated on the validation split
@@ -25,7 +26,7 @@ import torch
 
 import sol
 from sol import decode, prefill
-from train import UsageError, axes, calibrate, episodes, load_checkpoint, load_dataset, parse_args
+from train import UsageError, axes, calibrate, checkpoint_digest, episodes, load_checkpoint, load_dataset, parse_args
 
 
 @dataclass
@@ -33,6 +34,8 @@ class EvalConfig:
     out_dir: str = "out"  # where train.py left ckpt.pt
     budgets: str = ""  # comma list of budgets for every enabled axis; empty = the policy's training target
     dataset: str = ""  # empty = the dataset the policy was trained on
+    init_from: str = ""  # the pretrained checkpoint folder of a run trained with --init_from; empty = where it was then
+    dtype: str = "float32"  # of the frozen GPT: float32 | bfloat16 | float16
     seed: int = 1337
     eval_episodes: int = 256  # test episodes per method
     val_episodes: int = 128  # validation episodes (budget calibration, search)
@@ -242,16 +245,27 @@ def main(argv):
     cfg = state["config"]
     gcfg, acfg, pcfg = sol.GPTConfig(**cfg["gpt"]), sol.ActionConfig(**cfg["action"]), sol.PolicyConfig(**cfg["policy"])
     grid = sol.action_grid(acfg)
-    base = load_checkpoint(cfg["base"], "base GPT")
-    model = sol.GPT(gcfg)
-    model.load_state_dict(base["model"])
-    model.eval().requires_grad_(False)
+    if ec.dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype={ec.dtype} is not one of float32, bfloat16, float16")
+    init = None
+    if cfg.get("base_sha1"):  # trained on a pretrained checkpoint (runs from before --init_from lack the key)
+        init = Path(ec.init_from or cfg["base"]).expanduser()
+        if not (init / "config.json").is_file() or checkpoint_digest(init) != cfg["base_sha1"]:
+            raise UsageError(f"{init} is not the checkpoint {out_dir} was trained on ({cfg['base']}, sha1 {cfg['base_sha1'][:10]}); "
+                             "pass that one with --init_from")
+        model = sol.GPT.from_pretrained(init, getattr(torch, ec.dtype))
+    elif ec.init_from:
+        raise UsageError(f"{out_dir} was trained on its own base GPT, not a checkpoint; drop --init_from")
+    else:
+        model = sol.GPT(gcfg)
+        model.load_state_dict(load_checkpoint(cfg["base"], "base GPT")["model"])
+        model.eval().requires_grad_(False).to(getattr(torch, ec.dtype))
     policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.tags))
     policy.load_state_dict(state["policy"])
     policy.eval()
     dataset = ec.dataset or cfg["train"]["dataset"]
-    data_dir, meta, splits = load_dataset(dataset)
-    if meta["vocab_size"] != gcfg.vocab_size:
+    data_dir, meta, splits = load_dataset(dataset, init)
+    if init is None and meta["vocab_size"] != gcfg.vocab_size:
         raise UsageError(f"{dataset} has a vocabulary of {meta['vocab_size']} but the model of {out_dir} has {gcfg.vocab_size}; evaluate on its own dataset")
     g = cfg["grpo"]
     C, T = g["context_len"], g["rollout_len"]

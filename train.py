@@ -3,10 +3,12 @@ Train a SOL policy with GRPO on teacher-forced episodes, on top of a frozen GPT.
 
     python train.py --target_budget 0.5
     python train.py --dataset shakespeare --target_budget 0.3 --rollouts 8
+    python train.py --init_from path/to/Llama-3.2-1B --dataset mytext.txt --dtype bfloat16
     python train.py --help
 
 1. prepare the dataset if its token files are missing;
-2. pretrain the base GPT once per dataset and model config (cached next to the data), then freeze it;
+2. pretrain the base GPT once per dataset and model config (cached next to the data), or load a pretrained
+   checkpoint (--init_from), then freeze it;
 3. GRPO (METHOD.md section 3): prefill the context densely, run a dense reference and K sampled
    schedules over the next T tokens, reward the log-probs, penalize missed budgets, update the policy;
 4. evaluate on the test split: SOL (greedy), dense, and static allocation at SOL's achieved budget.
@@ -36,6 +38,8 @@ ROOT = Path(__file__).resolve().parent
 @dataclass
 class TrainConfig:
     dataset: str = "synth"  # synth | shakespeare | path/to/file.txt
+    init_from: str = ""  # a Hugging Face-style llama or gpt2 checkpoint folder: its model and tokenizer, no pretraining
+    dtype: str = "float32"  # of the frozen GPT: float32 | bfloat16 | float16
     out_dir: str = "out"
     device: str = "auto"  # auto | cpu | cuda | mps
     seed: int = 1337
@@ -88,7 +92,9 @@ class GRPOConfig:
 
 
 CHOICES = {"reward_agg": ("sum", "max"), "adv_level": ("process", "outcome"), "adv_norm": ("center", "zscore"),
-           "criterion": sol.CRITERIA, "device": ("auto", "cpu", "cuda", "mps")}
+           "criterion": sol.CRITERIA, "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("float32", "bfloat16", "float16")}
+# GPTConfig fields that come from the dataset or a checkpoint, never from flags
+ARCH = ("n_kv_head", "norm", "norm_eps", "mlp", "pos", "bias", "tie_embeddings", "rope_scaling")
 
 
 class UsageError(Exception):
@@ -130,7 +136,7 @@ def parse_value(name, text, default):
 
 
 def parse_args(argv, cfgs):
-    flags = {f.name: cfg for cfg in cfgs for f in fields(cfg) if f.name != "vocab_size"}
+    flags = {f.name: cfg for cfg in cfgs for f in fields(cfg) if f.name not in ("vocab_size", *ARCH)}
     if any(a in ("-h", "--help") for a in argv):
         for cfg in cfgs:
             print(f"{type(cfg).__name__}:")
@@ -207,8 +213,28 @@ def validate(tc, g, gcfg, acfg, pcfg):
 # data
 
 
-def load_dataset(name):
-    """Token splits of a dataset, prepared on first use: returns (data_dir, meta, {split: uint16 memmap})."""
+def gpt_config(gcfg):
+    """The model config as saved: the architecture fields only where they differ from the small model's defaults,
+    so base GPTs cached and runs saved before those fields existed keep their keys."""
+    return {k: v for k, v in asdict(gcfg).items() if k not in ARCH or v != getattr(GPTConfig, k)}
+
+
+def checkpoint_digest(path):
+    """sha1 of a checkpoint folder's config.json and weight files: which checkpoint a run was trained on."""
+    h = hashlib.sha1()
+    for f in sorted(f for f in Path(path).iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".bin")):
+        with open(f, "rb") as fh:
+            h.update(f.name.encode() + hashlib.file_digest(fh, "sha1").digest())
+    return h.hexdigest()
+
+
+def load_dataset(name, checkpoint=None):
+    """Token splits of a dataset, prepared on first use: returns (data_dir, meta, {split: token memmap}). A text file
+    is tokenized with the checkpoint folder's tokenizer if given, else with GPT-2's BPE."""
+    text = name.endswith(".txt") or os.path.sep in name
+    if checkpoint is not None and not text:
+        raise UsageError(f"--init_from needs a text dataset (--dataset=path/to/file.txt) to tokenize with the checkpoint's "
+                         f"tokenizer; {name} comes tokenized for the small model")
     if name == "synth":
         from data.synth.prepare import prepare
         data_dir = ROOT / "data" / "synth"
@@ -220,19 +246,21 @@ def load_dataset(name):
         data_dir = ROOT / "data" / "shakespeare"
         if not (data_dir / "meta.json").exists():
             prepare(data_dir)
-    elif name.endswith(".txt") or os.path.sep in name:
-        from data.text import prepare_text
+    elif text:
+        from data.text import checkpoint_tokenizer, prepare_text
         path = Path(name).expanduser()
         if not path.is_file():
             raise UsageError(f"dataset file {name} does not exist; pass an existing .txt file, or --dataset=synth")
         digest = hashlib.sha1(path.read_bytes()).hexdigest()[:10]
-        data_dir = ROOT / "data" / "cache" / f"{path.stem}-{digest}"
+        tokenizer = "gpt2" if checkpoint is None else checkpoint_tokenizer(checkpoint)[0]
+        data_dir = ROOT / "data" / "cache" / (f"{path.stem}-{digest}" + ("" if tokenizer == "gpt2" else f"-{tokenizer}"))
         if not (data_dir / "meta.json").exists():
-            prepare_text(path, data_dir)
+            prepare_text(path, data_dir, checkpoint)
     else:
         raise UsageError(f"unknown dataset {name!r}; use synth, shakespeare, or a path to a .txt file")
     meta = json.loads((data_dir / "meta.json").read_text())
-    splits = {s: np.memmap(data_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val", "test")}
+    dtype = meta.get("dtype", "uint16")  # uint32 for vocabularies over 65536 tokens
+    splits = {s: np.memmap(data_dir / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val", "test")}
     return data_dir, meta, splits
 
 
@@ -440,8 +468,17 @@ def main(argv):
         print(f"{signal.Signals(STOP['signal']).name}: saved {saved}; to continue, run {then}", file=sys.stderr)
         sys.exit(128 + STOP["signal"])
 
-    data_dir, meta, splits = load_dataset(tc.dataset)
-    gcfg.vocab_size = meta["vocab_size"]
+    init = Path(tc.init_from).expanduser() if tc.init_from else None
+    if init is not None:
+        flags = [f.name for f in fields(gcfg) if getattr(gcfg, f.name) != getattr(GPTConfig, f.name)]
+        if flags:
+            raise UsageError(f"--init_from takes the model config from the checkpoint; drop --{', --'.join(flags)}")
+        gcfg = sol.hf_config(init)
+    data_dir, meta, splits = load_dataset(tc.dataset, init)
+    if init is None:
+        gcfg.vocab_size = meta["vocab_size"]
+    elif max(int(d.max()) for d in splits.values()) >= gcfg.vocab_size:
+        raise UsageError(f"{tc.dataset} was tokenized beyond the checkpoint's {gcfg.vocab_size} tokens; its tokenizer does not match the model")
     validate(tc, g, gcfg, acfg, pcfg)
     C, T = g.context_len, g.rollout_len
     for split, data in splits.items():
@@ -452,15 +489,19 @@ def main(argv):
     rng = np.random.default_rng(tc.seed)
     print(f"seed {tc.seed} | dataset {tc.dataset} ({', '.join(f'{s} {len(d):,}' for s, d in splits.items())} tokens) | device {device}")
 
-    # 1. the base GPT: pretrained once per dataset and model config, then frozen
-    key = json.dumps([asdict(gcfg), meta, tc.pretrain_iters, tc.pretrain_batch, tc.pretrain_lr, tc.seed], sort_keys=True)
-    base_path = data_dir / f"base-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
-    model = sol.GPT(gcfg).to(device)
+    # 1. the base GPT: a pretrained checkpoint, or pretrained here once per dataset and model config; then frozen
+    key = json.dumps([gpt_config(gcfg), meta, tc.pretrain_iters, tc.pretrain_batch, tc.pretrain_lr, tc.seed], sort_keys=True)
+    base_path = init or data_dir / f"base-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
+    base_sha1 = checkpoint_digest(init) if init else None
+    t0 = time.time()
+    model = sol.GPT.from_pretrained(init, getattr(torch, tc.dtype), device) if init else sol.GPT(gcfg).to(device)
     partial = Path(f"{base_path}.partial")
     STOP["defer"] = True
-    if base_path.exists():
+    if init:
+        print(f"base GPT: {init} (sha1 {base_sha1[:10]}) loaded as {tc.dtype} in {time.time() - t0:.1f} s")
+    elif base_path.exists():
         state = load_checkpoint(base_path, "base GPT")
-        if state.get("config") != asdict(gcfg):
+        if state.get("config") != gpt_config(gcfg):
             raise UsageError(f"the base checkpoint {base_path} was made for another model config; delete it to retrain")
         model.load_state_dict(state["model"])
         print(f"base GPT: reusing {base_path} (val loss {state['val_loss']:.4f})")
@@ -469,17 +510,17 @@ def main(argv):
         val = pretrain(model, splits, tc, device, partial, g.ckpt_interval)
         if val is None:
             stop(partial, f"the same command again: {cmd}")
-        save_atomic({"model": model.state_dict(), "config": asdict(gcfg), "val_loss": val}, base_path)
+        save_atomic({"model": model.state_dict(), "config": gpt_config(gcfg), "val_loss": val}, base_path)
         print(f"base GPT: saved to {base_path} after {time.time() - t0:.0f} s")
     partial.unlink(missing_ok=True)
-    model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False).to(getattr(torch, tc.dtype))
 
     # 2. the policy and its optimizer
     policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.tags)).to(device)
     opt = torch.optim.AdamW(policy.parameters(), lr=g.lr, weight_decay=0.0)
     ref_policy = None
-    config = {"train": asdict(tc), "grpo": asdict(g), "gpt": asdict(gcfg), "action": asdict(acfg), "policy": asdict(pcfg),
-              "base": str(base_path)}
+    config = {"train": asdict(tc), "grpo": asdict(g), "gpt": gpt_config(gcfg), "action": asdict(acfg), "policy": asdict(pcfg),
+              "base": str(base_path.resolve() if init else base_path), "base_sha1": base_sha1}
     start, skipped = 0, 0
     if tc.resume:
         state = load_checkpoint(ckpt_path, "policy")
@@ -487,7 +528,7 @@ def main(argv):
             if state["config"][part] != config[part]:
                 diff = [k for k in config[part] if state["config"][part].get(k) != config[part][k]]
                 raise UsageError(f"{ckpt_path} was trained with another {part} config ({', '.join(diff)}); use its settings or a new --out_dir")
-        if Path(state["config"]["base"]).name != base_path.name:  # another --dataset, --seed or --pretrain_*
+        if state["config"].get("base_sha1") != base_sha1 or Path(state["config"]["base"]).name != base_path.name:  # another --dataset, --seed, --pretrain_* or checkpoint
             raise UsageError(f"{ckpt_path} was trained on another base GPT ({state['config']['base']}); use its settings or a new --out_dir")
         policy.load_state_dict(state["policy"])
         opt.load_state_dict(state["optimizer"])
