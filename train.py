@@ -247,15 +247,16 @@ def load_dataset(name, checkpoint=None):
         if not (data_dir / "meta.json").exists():
             prepare(data_dir)
     elif text:
-        from data.text import checkpoint_tokenizer, prepare_text
+        from data.text import prepare_text, tokenizer_file
         path = Path(name).expanduser()
         if not path.is_file():
             raise UsageError(f"dataset file {name} does not exist; pass an existing .txt file, or --dataset=synth")
         digest = hashlib.sha1(path.read_bytes()).hexdigest()[:10]
-        tokenizer = "gpt2" if checkpoint is None else checkpoint_tokenizer(checkpoint)[0]
-        data_dir = ROOT / "data" / "cache" / (f"{path.stem}-{digest}" + ("" if tokenizer == "gpt2" else f"-{tokenizer}"))
+        tokenizer = None if checkpoint is None else tokenizer_file(checkpoint)  # None: GPT-2's BPE
+        data_dir = ROOT / "data" / "cache" / (f"{path.stem}-{digest}" if tokenizer is None else
+                                              f"{path.stem}-{digest}-llama3-{hashlib.sha1(tokenizer.read_bytes()).hexdigest()[:8]}")
         if not (data_dir / "meta.json").exists():
-            prepare_text(path, data_dir, checkpoint)
+            prepare_text(path, data_dir, tokenizer)
     else:
         raise UsageError(f"unknown dataset {name!r}; use synth, shakespeare, or a path to a .txt file")
     meta = json.loads((data_dir / "meta.json").read_text())

@@ -4,7 +4,6 @@ by characters) into train/val/test, tokenize with tiktoken, write .bin files and
 Offline, tiktoken needs its cached BPE file: set TIKTOKEN_CACHE_DIR to a folder holding r50k_base.
 """
 import base64
-import hashlib
 import json
 from pathlib import Path
 
@@ -46,15 +45,15 @@ def llama3_encoding(path):
                              special_tokens={t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL)})
 
 
-def checkpoint_tokenizer(checkpoint):
-    """(key, tiktoken.Encoding) of a checkpoint folder: GPT-2's BPE for gpt2, Llama-3's tokenizer.model (in the folder
-    or original/, as Meta's repositories hold it) otherwise. The key names the tokenizer in dataset cache paths."""
+def tokenizer_file(checkpoint):
+    """The Llama-3 tokenizer.model of a checkpoint folder (there or in original/, as Meta's repositories hold it);
+    None for a gpt2 checkpoint, whose BPE tiktoken has."""
     ckpt = Path(checkpoint)
     if json.loads((ckpt / "config.json").read_text()).get("model_type") == "gpt2":
-        return "gpt2", gpt2_encoding()
+        return None
     for path in (ckpt / "tokenizer.model", ckpt / "original" / "tokenizer.model"):
         if path.is_file():
-            return f"llama3-{hashlib.sha1(path.read_bytes()).hexdigest()[:8]}", llama3_encoding(path)
+            return path
     raise ValueError(f"no tokenizer in {ckpt}: expected Llama-3's tokenizer.model (a tiktoken BPE file) there or in original/")
 
 
@@ -72,13 +71,13 @@ def read_text(text_path):
     return text
 
 
-def prepare_text(text_path, out_dir, checkpoint=None):
-    """Tokenize text_path into out_dir/{train,val,test}.bin and write meta.json (last); with the tokenizer of the
-    checkpoint folder if given, else GPT-2's."""
+def prepare_text(text_path, out_dir, tokenizer=None):
+    """Tokenize text_path into out_dir/{train,val,test}.bin and write meta.json (last); with GPT-2's BPE, or the
+    Llama-3 tokenizer.model file given, which is copied next to the tokens."""
     text = read_text(text_path)
     n = len(text)
     cuts = {"train": [0, int(0.9 * n)], "val": [int(0.9 * n), int(0.95 * n)], "test": [int(0.95 * n), n]}
-    key, enc = ("gpt2", gpt2_encoding()) if checkpoint is None else checkpoint_tokenizer(checkpoint)
+    enc = gpt2_encoding() if tokenizer is None else llama3_encoding(tokenizer)
     dtype = np.uint16 if enc.n_vocab <= 2 ** 16 else np.uint32  # Llama-3's 128k tokens need 32 bits
     splits = {split: enc.encode_ordinary(text[a:b]) for split, (a, b) in cuts.items()}
     if not all(splits.values()):
@@ -87,9 +86,10 @@ def prepare_text(text_path, out_dir, checkpoint=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, ids in splits.items():
         write(out_dir / f"{split}.bin", np.array(ids, dtype=dtype).tobytes())
-    tokenizer = {"vocab_size": 50304, "tokenizer": "gpt2"} if key == "gpt2" else \
-        {"vocab_size": enc.n_vocab, "tokenizer": "checkpoint", "checkpoint": str(Path(checkpoint).resolve())}
-    meta = {**tokenizer, "encoding": enc.name, "dtype": np.dtype(dtype).name,  # GPT-2's 50257 padded to 64s
+    if tokenizer is not None:
+        write(out_dir / "tokenizer.model", Path(tokenizer).read_bytes())
+    meta = {"vocab_size": 50304 if tokenizer is None else enc.n_vocab, "tokenizer": "gpt2" if tokenizer is None else "llama3",  # GPT-2's 50257 padded
+            "encoding": enc.name, "dtype": np.dtype(dtype).name,
             "source": str(Path(text_path).resolve()), "n_tokens": {s: len(ids) for s, ids in splits.items()},
             "char_splits": cuts}
     write(out_dir / "meta.json", json.dumps(meta, indent=1).encode())
@@ -106,6 +106,6 @@ def load_tokenizer(data_dir):
         return load_synth_tokenizer(data_dir)
     if kind == "gpt2":
         return gpt2_encoding()
-    if kind == "checkpoint":
-        return checkpoint_tokenizer(json.loads(meta_path.read_text())["checkpoint"])[1]
-    raise ValueError(f"unknown tokenizer {kind!r} in {meta_path}; expected 'synth', 'gpt2' or 'checkpoint'")
+    if kind == "llama3":
+        return llama3_encoding(Path(data_dir) / "tokenizer.model")
+    raise ValueError(f"unknown tokenizer {kind!r} in {meta_path}; expected 'synth', 'gpt2' or 'llama3'")

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sol  # noqa: E402
 from data.synth.prepare import train_bpe  # noqa: E402
-from data.text import checkpoint_tokenizer  # noqa: E402
+from data.text import llama3_encoding, tokenizer_file  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 WORDS = "the quick brown fox jumps over lazy dog and then runs far away into a deep green forest of tall old trees".split()
@@ -173,8 +173,8 @@ def test_llama3_tokenizer_round_trips(tmp_path):
     ckpt = tmp_path / "ckpt"
     n = write_tokenizer(ckpt / "original" / "tokenizer.model")  # where Meta's repositories keep it
     (ckpt / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    key, enc = checkpoint_tokenizer(ckpt)
-    assert key.startswith("llama3-") and enc.n_vocab == n + 256
+    enc = llama3_encoding(tokenizer_file(ckpt))
+    assert enc.n_vocab == n + 256
     text = "The quick brown fox jumps over the lazy dog 1234567, then runs ÄWAY!\n\n  into a forest  of ünïcode ✓ trees\n"
     ids = enc.encode_ordinary(text)
     assert enc.decode(ids) == text and max(ids) < n
@@ -185,10 +185,10 @@ def test_llama3_tokenizer_round_trips(tmp_path):
     assert ids[0] == n and ids[-1] == n + 9 and enc.decode(ids[1:-1]) == "the fox"
     (ckpt / "original" / "tokenizer.model").write_bytes(b"\n\x0b<s>\x15\x00\x00\x00\x00 \x03\n\x07</s> \x00")  # sentencepiece
     with pytest.raises(ValueError, match="cannot read the tokenizer .* tiktoken BPE file"):
-        checkpoint_tokenizer(ckpt)
+        llama3_encoding(tokenizer_file(ckpt))
     (ckpt / "original" / "tokenizer.model").unlink()
     with pytest.raises(ValueError, match="no tokenizer in"):
-        checkpoint_tokenizer(ckpt)
+        tokenizer_file(ckpt)
 
 
 def run(script, *args):
@@ -218,7 +218,7 @@ def test_train_and_eval_on_a_pretrained_llama(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert {r["method"] for r in json.loads((out / "eval.json").read_text())["results"]} >= {"sol", "static", "search"}
     # one clear line for a model flag next to --init_from, for a built-in dataset, and for another checkpoint
-    for args, needle in ((["--n_layer=4"], "drop --n_layer"), (["--dataset=synth"], "needs a text dataset")):
+    for args, needle in ((["--n_embd=64"], "drop --n_embd"), (["--dataset=synth"], "needs a text dataset")):
         p = run("train.py", f"--init_from={ckpt}", f"--dataset={text}", f"--out_dir={tmp_path / 'x'}", *grpo, *args)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and needle in p.stderr, p.stderr
     p = run("eval.py", f"--out_dir={out}", f"--init_from={tmp_path}")
