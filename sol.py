@@ -86,32 +86,49 @@ def controllable(past, acfg):
     return past > acfg.sinks + acfg.window + 1
 
 
-def sparse_mask(q, k, keep, acfg):
-    """Keys kept by one query per row: q (N, H, 1, hd) at position L-1 over k (N, H, L, hd) -> (N, H, 1, L).
-    Sinks and window are always kept; of the M keys between them a fraction keep[r] is kept."""
-    N, H, L, _ = k.shape
-    Ts, S = acfg.sinks, acfg.page_size
+def page_bounds(keys, S):
+    """Keys (..., L, hd) in pages of S -> the centre and radius of each page's bounding box, (..., ceil(L/S), hd)."""
+    P = math.ceil(keys.size(-2) / S)
+    pad = keys[..., -1:, :].expand(*keys.shape[:-2], P * S - keys.size(-2), -1)  # repeating a key leaves max/min as they are
+    pages = torch.cat([keys, pad], -2).unflatten(-2, (P, S))
+    hi, lo = pages.amax(-2), pages.amin(-2)
+    return (hi + lo) / 2, (hi - lo) / 2
+
+
+def sparse_mask(q, k, keep, acfg, k0=None):
+    """Keys kept by one query per row: q (N, H, 1, hd) at position L-1 over the keys k0 (shared prefix,
+    see qk) and k (N, H, L1, hd) -> (N, H, 1, L). Sinks and window are always kept; of the M keys
+    between them a fraction keep[r] is kept."""
+    N, H, L1, _ = k.shape
+    L0 = 0 if k0 is None else k0.size(2)
+    Ts, S, L = acfg.sinks, acfg.page_size, L0 + L1
     M = L - 1 - acfg.window - Ts
     mask = torch.ones(N, H, 1, L, dtype=torch.bool, device=k.device)
     if M <= 1:
         return mask
-    km = k[:, :, Ts:Ts + M]  # (N, H, M, hd) the controllable middle
     n = torch.ceil(keep * M * (1 - 1e-6)).long().clamp(1, M)  # float32 0.3 > 0.3: 0.3*170 must not round up to 52
     if acfg.criterion == "recency":
-        keep_mid = topn_mask(torch.arange(M, device=k.device).expand(N, H, 1, M), n)
+        keep_mid = (torch.arange(M, device=k.device) >= M - n.view(-1, 1, 1, 1)).expand(N, H, 1, M)
     elif acfg.criterion in ("relevancy", "relevancy_layer"):
-        score = q @ km.transpose(-2, -1)  # (N, H, 1, M) attention logits
+        score = qk(q, k, k0)[..., Ts:Ts + M]  # (N, H, 1, M) attention logits
         if acfg.criterion == "relevancy_layer":
             score = score.mean(1, keepdim=True).expand(N, H, 1, M)
         keep_mid = topn_mask(score, n)
     elif acfg.criterion == "quest":
-        P = math.ceil(M / S)
-        pad = km[:, :, -1:].expand(N, H, P * S - M, -1)  # repeating the last key leaves max/min unchanged
-        pages = torch.cat([km, pad], 2).view(N, H, P, S, -1)
-        kmax, kmin = pages.amax(3), pages.amin(3)  # (N, H, P, hd)
-        score = torch.maximum(q * kmax, q * kmin).sum(-1)  # (N, H, P) upper bound of q.k in the page
-        n_pages = torch.ceil(keep * M / S * (1 - 1e-6)).long().clamp(1, P)
-        keep_mid = topn_mask(score, n_pages).repeat_interleave(S, -1)[..., :M].unsqueeze(2)
+        # a page's score is the largest q.k any key in its box can reach: q.centre + |q|.radius
+        F0 = 0 if k0 is None else max(0, min(L0, Ts + M) - Ts - 1) // S  # pages read from the shared prefix
+        a = Ts + F0 * S
+        rest = k[:, :, max(a - L0, 0):max(Ts + M - L0, 0)]  # the other pages' keys, per row
+        if a < L0:  # the prefix's last page (at most S keys) goes to every row
+            rest = torch.cat([k0[:, :, a:min(L0, Ts + M)].repeat_interleave(N // k0.size(0), 0), rest], 2)
+        c, r = page_bounds(rest, S)
+        score = q @ c.transpose(-2, -1) + q.abs() @ r.transpose(-2, -1)  # (N, H, 1, pages)
+        if F0:
+            c, r = page_bounds(k0[:, :, Ts:a], S)
+            B = k0.size(0)
+            score = torch.cat([unfold(fold(q, B) @ c.transpose(-2, -1) + fold(q.abs(), B) @ r.transpose(-2, -1), N // B), score], -1)
+        n_pages = torch.ceil(keep * M / S * (1 - 1e-6)).long().clamp(1, score.size(-1))
+        keep_mid = topn_mask(score, n_pages).repeat_interleave(S, -1)[..., :M]
     else:
         raise ValueError(f"unknown attention criterion {acfg.criterion!r}; use one of {', '.join(CRITERIA)}")
     mask[..., Ts:Ts + M] = keep_mid
@@ -141,18 +158,46 @@ def action_grid(acfg):
 
 
 class KVCache:
-    """Keys and values of every layer for N rows and up to `size` positions, filled left to right."""
+    """Keys and values of every layer for N rows and up to `size` positions, filled left to right.
+    A cache forked from a parent holds only the positions after the fork: its N = B*K rows read the
+    parent's B rows in place (row r*K+j reads parent row r), so K rollouts never copy their prefix."""
 
-    def __init__(self, n_layer, N, n_head, size, head_dim, device):
+    def __init__(self, n_layer, N, n_head, size, head_dim, device, parent=None):
         self.k = torch.zeros(n_layer, N, n_head, size, head_dim, device=device)
         self.v = torch.zeros_like(self.k)
-        self.len = 0
+        self.parent, self.start = parent, parent.len if parent is not None else 0  # start: first position held here
+        self.len = self.start
 
-    def repeat(self, K):
-        """Each row K times (rows r*K .. r*K+K-1), for the K rollouts of one sequence."""
-        c = copy.copy(self)
-        c.k, c.v = self.k.repeat_interleave(K, 1), self.v.repeat_interleave(K, 1)
-        return c
+    def fork(self, K, size):
+        """K rows per row, sharing the positions cached so far, each with room for `size` more."""
+        assert self.parent is None, "fork a cache that holds its own prefix"
+        n_layer, N, n_head, _, head_dim = self.k.shape
+        return KVCache(n_layer, N * K, n_head, size, head_dim, self.k.device, self)
+
+    def shared(self, layer):
+        """The parent's keys and values this cache reads, (B, H, start, hd) each; None without a parent."""
+        if self.parent is None:
+            return None, None
+        return self.parent.k[layer, :, :, :self.start], self.parent.v[layer, :, :, :self.start]
+
+
+def fold(x, B):
+    """(B*K, H, T, d) -> (B, H, K*T, d): the K rows that share a prefix become K*T queries of one row."""
+    return x.unflatten(0, (B, -1)).transpose(1, 2).flatten(2, 3)
+
+
+def unfold(y, K):
+    """(B, H, K*T, d) -> (B*K, H, T, d), the inverse of fold."""
+    return y.unflatten(2, (K, -1)).transpose(1, 2).flatten(0, 1)
+
+
+def qk(q, k, k0=None):
+    """q.k for q (N, H, T, hd) and every key: first the prefix k0 (B, H, L0, hd) shared by K = N/B rows
+    each (or None), then the row's own keys k (N, H, L1, hd) -> (N, H, T, L0+L1)."""
+    s = q @ k.transpose(-2, -1)
+    if k0 is None:
+        return s
+    return torch.cat([unfold(fold(q, k0.size(0)) @ k0.transpose(-2, -1), q.size(0) // k0.size(0)), s], -1)
 
 
 def rope_tables(T, head_dim, theta):
@@ -166,17 +211,31 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
 
 
-def attention(q, k, v, mask=None, fused=True):
-    """Softmax attention of q (B, H, Tq, hd) over k, v (B, H, Tk, hd); mask is boolean (True = attend),
-    broadcast to (B, H, Tq, Tk), None = plain causal. The fused path is one scaled_dot_product_attention
-    call with causality and sparsity in the same mask (no Triton, CPU or CUDA); the manual path is the same math."""
-    if fused:
+def attention(q, k, v, mask=None, fused=True, k0=None, v0=None):
+    """Softmax attention of q (N, H, Tq, hd) over k, v (N, H, Tk, hd); mask is boolean (True = attend),
+    broadcast to (N, H, Tq, Tk), None = plain causal. The fused path is one scaled_dot_product_attention
+    call with causality and sparsity in the same mask (no Triton, CPU or CUDA); the manual path is the same
+    math. With a shared prefix k0, v0 (see qk) the keys are k0 then k, and attention is always manual."""
+    if k0 is None and fused:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    att = qk(q, k, k0) / math.sqrt(q.size(-1))
     if mask is None:
-        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
-    att = att.masked_fill(~mask, float("-inf"))
-    return F.softmax(att, dim=-1) @ v
+        mask = torch.ones(q.size(-2), att.size(-1), dtype=torch.bool, device=q.device).tril(att.size(-1) - q.size(-2))
+    att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
+    if k0 is None:
+        return att @ v
+    p0, p1 = att.split([k0.size(2), k.size(2)], -1)
+    return unfold(fold(p0, k0.size(0)) @ v0, q.size(0) // k0.size(0)) + p1 @ v
+
+
+def gathered_attention(q, k, v, mask):
+    """The same as attention(q, k, v, mask) for one decode step, computed over the kept keys only, so its
+    cost scales with keep: q (N, H, 1, hd), mask (N, H, 1, L)."""
+    n = int(mask.sum(-1).max())
+    idx = mask.to(q.dtype).topk(n, -1, sorted=False).indices.sort(-1).values  # (N, H, 1, n) every kept key, in order;
+    # a head that keeps fewer than n pads with masked ones
+    rows = idx.transpose(-2, -1).expand(-1, -1, -1, k.size(-1))  # (N, H, n, hd)
+    return F.scaled_dot_product_attention(q, k.gather(2, rows), v.gather(2, rows), attn_mask=mask.gather(-1, idx))
 
 
 class RMSNorm(nn.Module):
@@ -196,6 +255,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
         self.fused = True
+        self.gather = True  # decode over the kept keys only (the masked path computes every key, then drops some)
 
     def forward(self, x, rope=None, cache=None, layer=0, act=None, acfg=None):
         B, T, C = x.shape
@@ -204,16 +264,21 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope[0][start:start + T], rope[1][start:start + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask = None
+        mask, k0, v0 = None, None, None
         if cache is not None:
-            cache.k[layer, :, :, start:start + T], cache.v[layer, :, :, start:start + T] = k, v
-            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]  # (B, H, L, hd)
+            i = start - cache.start  # where this cache's own positions begin
+            cache.k[layer, :, :, i:i + T], cache.v[layer, :, :, i:i + T] = k, v
+            k, v = cache.k[layer, :, :, :i + T], cache.v[layer, :, :, :i + T]  # (B, H, L1, hd)
+            k0, v0 = cache.shared(layer)  # (B/K, H, L0, hd) each, or None
             pos = torch.arange(start + T, device=x.device)
             mask = pos[None, :] <= pos[start:, None]  # (T, L) causal, offset by the cached prefix
             if act is not None:
                 assert T == 1, "efficiency actions apply to single-token decode steps"
-                mask = mask & sparse_mask(q, k, act[:, 0], acfg)
-        y = attention(q, k, v, mask, self.fused)
+                mask = mask & sparse_mask(q, k, act[:, 0], acfg, k0)
+        if act is not None and self.gather and k0 is None:
+            y = gathered_attention(q, k, v, mask)
+        else:
+            y = attention(q, k, v, mask, self.fused, k0, v0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 

@@ -520,9 +520,9 @@ def main(argv):
             # a batch of training sequences, each with its own budget
             x = random_windows(splits["train"], B, C + T + 1, rng).to(device)  # (B, C+T+1)
             target = sample_targets(g, fixed, B, rng).to(device)  # (B, 3)
-            # prefill the context once, densely; the K rollouts of a sequence start from copies of it
+            # prefill the context once, densely; the K rollouts of a sequence all read that one prefix cache
             cache, h0 = sol.prefill(model, x, C, T)
-            cache_k = cache.repeat(K)
+            cache_k = cache.fork(K, T)
             # the dense reference over the controlled steps
             dense = sol.rollout(model, cache, h0, x[:, C:], target, sol.dense_scheduler(grid), grid, acfg, keep_logprobs=g.task_w_kl > 0)
             ref = dense["logprobs"].repeat_interleave(K, 0) if g.task_w_kl > 0 else None

@@ -55,11 +55,38 @@ def test_fused_attention_matches_manual(model):
     acfg, grid = sol.ActionConfig(), sol.action_grid(sol.ActionConfig())
     x = torch.randint(0, CFG.vocab_size, (4, 70))
     actions = grid.values[torch.randint(0, len(grid.tags), (4, 10))]
-    fused = decode(model, x, 60, actions, acfg)
-    for m in model.modules():
-        if isinstance(m, sol.CausalSelfAttention):
-            m.fused = False
-    torch.testing.assert_close(decode(model, x, 60, actions, acfg), fused, atol=1e-5, rtol=1e-5)
+    outs = {}
+    for fused, gather in ((True, True), (True, False), (False, False)):  # gathered keys, fused mask, manual
+        for m in model.modules():
+            if isinstance(m, sol.CausalSelfAttention):
+                m.fused, m.gather = fused, gather
+        for criterion in sol.CRITERIA:
+            acfg.criterion = criterion
+            outs[fused, gather, criterion] = decode(model, x, 60, actions, acfg)
+    for (fused, gather, criterion), out in outs.items():
+        torch.testing.assert_close(out, outs[True, False, criterion], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outs[True, True, "recency"], outs[True, True, "relevancy"])  # the criteria differ
+
+
+@pytest.mark.parametrize("criterion", sol.CRITERIA)
+@pytest.mark.parametrize("C", [6, 28, 45])
+@torch.no_grad()
+def test_forked_cache_matches_copies(model, criterion, C):
+    """K rollouts reading one shared prefix cache decode exactly as K private copies of it."""
+    torch.manual_seed(C)
+    acfg, grid = sol.ActionConfig(criterion=criterion), sol.action_grid(sol.ActionConfig())
+    B, K, T = 3, 4, 12
+    x = torch.randint(0, CFG.vocab_size, (B, C + T + 1))
+    cache, h0 = sol.prefill(model, x, C, T)
+    copies = model.new_cache(B * K, C + T)
+    copies.k[:, :, :, :C], copies.v[:, :, :, :C] = (t[:, :, :, :C].repeat_interleave(K, 1) for t in (cache.k, cache.v))
+    copies.len = C
+    actions = torch.randint(0, len(grid.tags), (B * K, T))
+    xs, hs, target = x[:, C:].repeat_interleave(K, 0), h0.repeat_interleave(K, 0), torch.full((B * K, 3), 0.5)
+    runs = [sol.rollout(model, c, hs, xs, target, lambda t, obs: actions[:, t], grid, acfg) for c in (cache.fork(K, T), copies)]
+    torch.testing.assert_close(runs[0]["logp"], runs[1]["logp"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(runs[0]["achieved"], runs[1]["achieved"])
+    assert cache.len == C and not cache.k[:, :, :, C:].any()  # the rollouts wrote nothing into the shared prefix
 
 
 @pytest.mark.parametrize("criterion", sol.CRITERIA)
@@ -203,3 +230,19 @@ def test_rollout_dense_and_static_budgets(model):
     roll = run(sol.policy_scheduler(policy, greedy=False, generator=torch.Generator().manual_seed(0)))
     assert roll["action"].shape == (N, T) and roll["action"].max() < len(grid.tags)
     assert roll["scalars"].shape == (N, T, 8) and torch.equal(roll["prev_action"][:, 1:], roll["action"][:, :-1])
+
+
+@pytest.mark.parametrize("criterion", sol.CRITERIA)
+def test_shared_prefix_gives_the_same_mask_and_attention(criterion):
+    torch.manual_seed(0)
+    acfg = sol.ActionConfig(criterion=criterion)
+    B, K, H, hd = 2, 3, 2, 8
+    for L0 in (5, 12, 13, 20, 28, 29):
+        for L1 in range(1, 14):
+            k0, v0 = torch.randn(B, H, L0, hd), torch.randn(B, H, L0, hd)
+            k1, v1, q = torch.randn(B * K, H, L1, hd), torch.randn(B * K, H, L1, hd), torch.randn(B * K, H, 1, hd)
+            keep = torch.rand(B * K)
+            k, v = torch.cat([k0.repeat_interleave(K, 0), k1], 2), torch.cat([v0.repeat_interleave(K, 0), v1], 2)
+            mask = sol.sparse_mask(q, k, keep, acfg)
+            assert torch.equal(sol.sparse_mask(q, k1, keep, acfg, k0), mask), (L0, L1)
+            torch.testing.assert_close(sol.attention(q, k1, v1, mask, True, k0, v0), sol.attention(q, k, v, mask), atol=1e-6, rtol=1e-5)
