@@ -7,7 +7,6 @@ bit-width of the MLP output (bits) -- and the small causal-transformer policy th
 actions. The episode runner at the bottom decodes a teacher-forced episode under any scheduler:
 the policy, dense, or static allocation.
 """
-import copy
 import itertools
 import math
 from dataclasses import dataclass
@@ -86,6 +85,11 @@ def controllable(past, acfg):
     return past > acfg.sinks + acfg.window + 1
 
 
+def n_kept(keep, M):
+    """How many of M keys (or channels) a keep fraction keeps: at least one."""
+    return torch.ceil(keep * M * (1 - 1e-6)).long().clamp(1, M)  # float32 0.3 > 0.3: 0.3*170 must not round up to 52
+
+
 def page_bounds(keys, S):
     """Keys (..., L, hd) in pages of S -> the centre and radius of each page's bounding box, (..., ceil(L/S), hd)."""
     P = math.ceil(keys.size(-2) / S)
@@ -106,7 +110,7 @@ def sparse_mask(q, k, keep, acfg, k0=None):
     mask = torch.ones(N, H, 1, L, dtype=torch.bool, device=k.device)
     if M <= 1:
         return mask
-    n = torch.ceil(keep * M * (1 - 1e-6)).long().clamp(1, M)  # float32 0.3 > 0.3: 0.3*170 must not round up to 52
+    n = n_kept(keep, M)
     if acfg.criterion == "recency":
         keep_mid = (torch.arange(M, device=k.device) >= M - n.view(-1, 1, 1, 1)).expand(N, H, 1, M)
     elif acfg.criterion in ("relevancy", "relevancy_layer"):
@@ -228,14 +232,16 @@ def attention(q, k, v, mask=None, fused=True, k0=None, v0=None):
     return unfold(fold(p0, k0.size(0)) @ v0, q.size(0) // k0.size(0)) + p1 @ v
 
 
-def gathered_attention(q, k, v, mask):
-    """The same as attention(q, k, v, mask) for one decode step, computed over the kept keys only, so its
-    cost scales with keep: q (N, H, 1, hd), mask (N, H, 1, L)."""
-    n = int(mask.sum(-1).max())
-    idx = mask.to(q.dtype).topk(n, -1, sorted=False).indices.sort(-1).values  # (N, H, 1, n) every kept key, in order;
-    # a head that keeps fewer than n pads with masked ones
-    rows = idx.transpose(-2, -1).expand(-1, -1, -1, k.size(-1))  # (N, H, n, hd)
-    return F.scaled_dot_product_attention(q, k.gather(2, rows), v.gather(2, rows), attn_mask=mask.gather(-1, idx))
+def recent_attention(q, k, v, keep, acfg):
+    """attention(q, k, v, sparse_mask(q, k, keep, acfg)) for one row's decode step under the recency
+    criterion, computed on the kept keys only: the sinks and the most recent run are two slices of the
+    cache, read in place, so the cost scales with keep (the masked path reads every key, then drops some).
+    q (1, H, 1, hd), k and v (1, H, L, hd), keep a 0-dim tensor."""
+    Ts, M = acfg.sinks, k.size(2) - 1 - acfg.window - acfg.sinks
+    start = Ts + M - int(n_kept(keep, M)) if M > 1 else Ts
+    att = torch.cat([q @ k[:, :, :Ts].transpose(-2, -1), q @ k[:, :, start:].transpose(-2, -1)], -1)
+    p = F.softmax(att / math.sqrt(q.size(-1)), -1)  # (1, H, 1, Ts + L - start)
+    return p[..., :Ts] @ v[:, :, :Ts] + p[..., Ts:] @ v[:, :, start:]
 
 
 class RMSNorm(nn.Module):
@@ -255,7 +261,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
         self.fused = True
-        self.gather = True  # decode over the kept keys only (the masked path computes every key, then drops some)
+        self.realized = True  # one row under recency: read only the kept keys (see recent_attention)
 
     def forward(self, x, rope=None, cache=None, layer=0, act=None, acfg=None):
         B, T, C = x.shape
@@ -275,8 +281,8 @@ class CausalSelfAttention(nn.Module):
             if act is not None:
                 assert T == 1, "efficiency actions apply to single-token decode steps"
                 mask = mask & sparse_mask(q, k, act[:, 0], acfg, k0)
-        if act is not None and self.gather and k0 is None:
-            y = gathered_attention(q, k, v, mask)
+        if act is not None and self.realized and B == 1 and k0 is None and acfg.criterion == "recency" and act[0, 0] < 1:
+            y = recent_attention(q, k, v, act[0, 0], acfg)
         else:
             y = attention(q, k, v, mask, self.fused, k0, v0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -293,8 +299,7 @@ class GatedMLP(nn.Module):
         h = F.silu(self.gate(x)) * self.up(x)  # (B, T, hidden)
         if act is None:
             return self.down(h)
-        n = torch.ceil(act[:, 1] * h.size(-1) * (1 - 1e-6)).long()
-        h = h * topn_mask(h.abs(), n)  # structured pruning: keep the largest |activation| channels
+        h = h * topn_mask(h.abs(), n_kept(act[:, 1], h.size(-1)))  # structured pruning: keep the largest |activation| channels
         return fake_quant(self.down(h), act[:, 2])
 
 
