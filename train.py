@@ -11,6 +11,7 @@ Train a SOL policy with GRPO on teacher-forced episodes, on top of a frozen GPT.
    schedules over the next T tokens, reward the log-probs, penalize missed budgets, update the policy;
 4. evaluate on the test split: SOL (greedy), dense, and static allocation at SOL's achieved budget.
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -38,6 +39,7 @@ class TrainConfig:
     dataset: str = "synth"  # synth | shakespeare | path/to/file.txt
     out_dir: str = "out"
     device: str = "auto"  # auto | cpu | cuda | mps
+    compile: str = "auto"  # torch.compile the pretraining step: auto = with CUDA | true | false
     seed: int = 1337
     resume: bool = False  # continue the run saved in out_dir
     overwrite: bool = False  # start over even if out_dir holds a run
@@ -88,7 +90,7 @@ class GRPOConfig:
 
 
 CHOICES = {"reward_agg": ("sum", "max"), "adv_level": ("process", "outcome"), "adv_norm": ("center", "zscore"),
-           "criterion": sol.CRITERIA, "device": ("auto", "cpu", "cuda", "mps")}
+           "criterion": sol.CRITERIA, "device": ("auto", "cpu", "cuda", "mps"), "compile": ("auto", "true", "false")}
 
 
 class UsageError(Exception):
@@ -275,6 +277,11 @@ def load_checkpoint(path, what):
         raise UsageError(f"cannot read the {what} checkpoint {path} ({type(e).__name__}); delete it to start over")
 
 
+def autocast(device):
+    """bf16 autocast on CUDA; elsewhere float32 throughout."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+
 def pretrain(model, splits, tc, device, partial, every):
     """Next-token pretraining of the base GPT on random windows of the train split. Every `every` iterations
     (and on SIGINT/SIGTERM, then returning None) its whole state goes to `partial`, which a rerun resumes."""
@@ -291,14 +298,17 @@ def pretrain(model, splits, tc, device, partial, every):
         set_rng_state(state["rng"], rng)
         print(f"base GPT: resuming pretraining from {partial} at iteration {start}")
     model.train()
+    # the fast path where it pays: compiled (fixed shapes, so one compilation) and in bf16 on a GPU
+    forward = torch.compile(model) if tc.compile == "true" or (tc.compile == "auto" and device == "cuda") else model
     pbar = tqdm(range(start, tc.pretrain_iters), desc="pretrain", dynamic_ncols=True, initial=start, total=tc.pretrain_iters)
     for it in pbar:
         lr = tc.pretrain_lr * min(1, (it + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * it / tc.pretrain_iters))
         for group in opt.param_groups:
             group["lr"] = lr
         x = random_windows(splits["train"], tc.pretrain_batch, T + 1, rng).to(device)
-        logits, _ = model(x[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        with autocast(device):
+            logits, _ = forward(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

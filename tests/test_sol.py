@@ -1,4 +1,5 @@
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -258,3 +259,13 @@ def test_shared_prefix_gives_the_same_mask_and_attention(criterion):
             mask = sol.sparse_mask(q, k, keep, acfg)
             assert torch.equal(sol.sparse_mask(q, k1, keep, acfg, k0), mask), (L0, L1)
             torch.testing.assert_close(sol.attention(q, k1, v1, mask, True, k0, v0), sol.attention(q, k, v, mask), atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_compiled_forward_matches_eager(model):
+    """torch.compile is the optional fast path (train.py uses it with CUDA); the plain modules are the reference."""
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile needs a C++ compiler on the CPU")
+    x = torch.randint(0, CFG.vocab_size, (2, 40))
+    for a, b in zip(torch.compile(model)(x), model(x)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
