@@ -16,6 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:  # optional: fake quantization as one fused kernel on CUDA; the plain PyTorch fake_quant is the reference
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 # -----------------------------------------------------------------------------
 # configs
 
@@ -73,11 +79,36 @@ def topn_mask(score, n):
 
 def fake_quant(x, bits):
     """Symmetric per-token absmax fake quantization of x (N, T, C) to bits[r] bits per row; 16 = identity."""
+    if triton is not None and x.is_cuda:
+        return fake_quant_triton(x, bits)
     bits = bits.view(-1, *[1] * (x.dim() - 1))
     qmax = 2.0 ** (bits - 1) - 1
     scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax  # clamp: an all-zero token stays 0
     xq = (x / scale).round().clamp(-qmax, qmax) * scale
     return torch.where(bits >= 16, x, xq)
+
+
+if triton is not None:
+    @triton.jit
+    def fake_quant_kernel(x_ptr, bits_ptr, out_ptr, C, BLOCK: tl.constexpr):
+        row = tl.program_id(0)  # one token per program: load it, find its absmax, round, store
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * C + offs, mask=offs < C, other=0.0)
+        b = tl.load(bits_ptr + row)
+        qmax = tl.exp2(b - 1.0) - 1.0
+        scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / qmax
+        y = x / scale
+        r = tl.floor(y + 0.5)
+        r = tl.where((r - y == 0.5) & (r - 2.0 * tl.floor(r * 0.5) != 0.0), r - 1.0, r)  # ties to even, as torch.round
+        xq = tl.minimum(tl.maximum(r, -qmax), qmax) * scale
+        tl.store(out_ptr + row * C + offs, tl.where(b >= 16.0, x, xq), mask=offs < C)
+
+    def fake_quant_triton(x, bits):
+        rows = x.reshape(-1, x.size(-1)).contiguous()  # (N*T, C)
+        b = bits.float().repeat_interleave(rows.size(0) // bits.numel()).contiguous()
+        out = torch.empty_like(rows)
+        fake_quant_kernel[(rows.size(0),)](rows, b, out, rows.size(1), BLOCK=triton.next_power_of_2(rows.size(1)))
+        return out.view_as(x)
 
 
 def controllable(past, acfg):

@@ -1,5 +1,7 @@
 import math
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -269,3 +271,22 @@ def test_compiled_forward_matches_eager(model):
     x = torch.randint(0, CFG.vocab_size, (2, 40))
     for a, b in zip(torch.compile(model)(x), model(x)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_fake_quant_matches_torch():
+    """The Triton kernel (used on CUDA when Triton is installed) against the PyTorch reference, run on the CPU
+    by Triton's interpreter; it reads TRITON_INTERPRET when imported, hence a fresh process."""
+    pytest.importorskip("triton")
+    code = """
+import torch, sol
+torch.manual_seed(0)
+x = torch.randn(6, 3, 100) * torch.tensor([1e-3, 1.0, 10.0, 1e4, 0.0, 1.0]).view(6, 1, 1)
+x[5, 0, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.0, 7.0])  # exact ties round to even
+for bits in ([5, 8, 12, 16, 3, 2], [4, 4, 4, 4, 4, 4]):
+    bits = torch.tensor(bits, dtype=torch.float32)
+    assert torch.equal(sol.fake_quant_triton(x, bits), sol.fake_quant(x, bits)), bits
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(sol.__file__).parent, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
