@@ -13,6 +13,7 @@ Train a SOL policy with GRPO on teacher-forced episodes, on top of a frozen GPT.
    schedules over the next T tokens, reward the log-probs, penalize missed budgets, update the policy;
 4. evaluate on the test split: SOL (greedy), dense, and static allocation at SOL's achieved budget.
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -42,6 +43,7 @@ class TrainConfig:
     dtype: str = "float32"  # of the frozen GPT: float32 | bfloat16 | float16
     out_dir: str = "out"
     device: str = "auto"  # auto | cpu | cuda | mps
+    compile: str = "auto"  # torch.compile the pretraining step: auto = with CUDA | true | false
     seed: int = 1337
     resume: bool = False  # continue the run saved in out_dir
     overwrite: bool = False  # start over even if out_dir holds a run
@@ -92,7 +94,8 @@ class GRPOConfig:
 
 
 CHOICES = {"reward_agg": ("sum", "max"), "adv_level": ("process", "outcome"), "adv_norm": ("center", "zscore"),
-           "criterion": sol.CRITERIA, "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("float32", "bfloat16", "float16")}
+           "criterion": sol.CRITERIA, "device": ("auto", "cpu", "cuda", "mps"), "compile": ("auto", "true", "false"),
+           "dtype": ("float32", "bfloat16", "float16")}
 # GPTConfig fields that come from the dataset or a checkpoint, never from flags
 ARCH = ("n_kv_head", "norm", "norm_eps", "mlp", "pos", "bias", "tie_embeddings", "rope_scaling")
 
@@ -304,6 +307,11 @@ def load_checkpoint(path, what):
         raise UsageError(f"cannot read the {what} checkpoint {path} ({type(e).__name__}); delete it to start over")
 
 
+def autocast(device):
+    """bf16 autocast on CUDA; elsewhere float32 throughout."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+
 def pretrain(model, splits, tc, device, partial, every):
     """Next-token pretraining of the base GPT on random windows of the train split. Every `every` iterations
     (and on SIGINT/SIGTERM, then returning None) its whole state goes to `partial`, which a rerun resumes."""
@@ -320,14 +328,17 @@ def pretrain(model, splits, tc, device, partial, every):
         set_rng_state(state["rng"], rng)
         print(f"base GPT: resuming pretraining from {partial} at iteration {start}")
     model.train()
+    # the fast path where it pays: compiled (fixed shapes, so one compilation) and in bf16 on a GPU
+    forward = torch.compile(model) if tc.compile == "true" or (tc.compile == "auto" and device == "cuda") else model
     pbar = tqdm(range(start, tc.pretrain_iters), desc="pretrain", dynamic_ncols=True, initial=start, total=tc.pretrain_iters)
     for it in pbar:
         lr = tc.pretrain_lr * min(1, (it + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * it / tc.pretrain_iters))
         for group in opt.param_groups:
             group["lr"] = lr
         x = random_windows(splits["train"], tc.pretrain_batch, T + 1, rng).to(device)
-        logits, _ = model(x[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        with autocast(device):
+            logits, _ = forward(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -562,9 +573,9 @@ def main(argv):
             # a batch of training sequences, each with its own budget
             x = random_windows(splits["train"], B, C + T + 1, rng).to(device)  # (B, C+T+1)
             target = sample_targets(g, fixed, B, rng).to(device)  # (B, 3)
-            # prefill the context once, densely; the K rollouts of a sequence start from copies of it
+            # prefill the context once, densely; the K rollouts of a sequence all read that one prefix cache
             cache, h0 = sol.prefill(model, x, C, T)
-            cache_k = cache.repeat(K)
+            cache_k = cache.fork(K, T)
             # the dense reference over the controlled steps
             dense = sol.rollout(model, cache, h0, x[:, C:], target, sol.dense_scheduler(grid), grid, acfg, keep_logprobs=g.task_w_kl > 0)
             ref = dense["logprobs"].repeat_interleave(K, 0) if g.task_w_kl > 0 else None

@@ -110,12 +110,16 @@ def test_actions_on_pretrained_models(llama, gpt2):
             cache, h0 = sol.prefill(model, x, 40, 19)
             policy = sol.Policy(sol.PolicyConfig(), model.cfg.n_embd, len(grid.tags))
             target = torch.full((4, 3), 0.5)
-            dense = sol.rollout(model, cache.repeat(1), h0, x[:, 40:], target, sol.dense_scheduler(grid), grid, acfg)
-            sparse = sol.rollout(model, cache, h0, x[:, 40:], target, sol.policy_scheduler(policy, greedy=False), grid, acfg)
-            assert torch.isfinite(sparse["logp"]).all() and not torch.equal(sparse["logp"], dense["logp"])
+            forked = cache.fork(2, 19)  # two rollouts per row read the shared prefix, as in GRPO
+            sparse = sol.rollout(model, forked, h0.repeat_interleave(2, 0), x[:, 40:].repeat_interleave(2, 0), target.repeat(2, 1),
+                                 sol.policy_scheduler(policy, greedy=False), grid, acfg)
+            shared = sol.rollout(model, cache.fork(1, 19), h0, x[:, 40:], target, sol.dense_scheduler(grid), grid, acfg)
+            dense = sol.rollout(model, cache, h0, x[:, 40:], target, sol.dense_scheduler(grid), grid, acfg)
+            assert torch.isfinite(sparse["logp"]).all() and not torch.equal(sparse["logp"][::2], dense["logp"])
             full = torch.log_softmax(model(x[:, :-1])[0].float(), -1)[:, 40:].gather(-1, x[:, 41:, None])[..., 0]
             tol = 1e-4 if dtype == torch.float32 else 0.1
-            torch.testing.assert_close(dense["logp"], full, atol=tol, rtol=tol)
+            for run in (dense, shared):
+                torch.testing.assert_close(run["logp"], full, atol=tol, rtol=tol)
 
 
 def test_pytorch_bin_and_tied_embeddings(tmp_path):
