@@ -501,7 +501,7 @@ def checkpoint_names(cfg):
 
 
 def read_tensors(path):
-    """(name, tensor) of every tensor in a checkpoint folder, one at a time (memory-mapped, nothing read twice)."""
+    """(name, tensor) of every tensor in a checkpoint folder, one at a time."""
     index, single, pickled = path / "model.safetensors.index.json", path / "model.safetensors", path / "pytorch_model.bin"
     if index.is_file() or single.is_file():
         try:
@@ -511,8 +511,11 @@ def read_tensors(path):
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [single.name]
         for f in files:
             with safe_open(path / f, framework="pt") as st:
-                for name in st.keys():
-                    yield name, st.get_tensor(name)
+                names = list(st.keys())
+            for name in names:  # the file is mapped once per tensor, so only that tensor's pages stay resident
+                with safe_open(path / f, framework="pt") as st:
+                    t = st.get_tensor(name)
+                yield name, t
     elif pickled.is_file():
         try:
             state = torch.load(pickled, map_location="cpu", weights_only=True, mmap=True)
