@@ -11,9 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sol  # noqa: E402
@@ -22,6 +19,12 @@ from data.text import llama3_encoding, tokenizer_file  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 WORDS = "the quick brown fox jumps over lazy dog and then runs far away into a deep green forest of tall old trees".split()
+
+
+def hf():
+    """transformers, test-only, and safetensors, the optional extra: a test that needs them skips without them."""
+    pytest.importorskip("safetensors")
+    return pytest.importorskip("transformers")
 
 
 def randomize(model):
@@ -34,6 +37,7 @@ def randomize(model):
 
 
 def save_llama(path, vocab=600, tie=False, shard=True):
+    transformers = hf()
     cfg = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tie,
@@ -45,6 +49,7 @@ def save_llama(path, vocab=600, tie=False, shard=True):
 
 
 def save_gpt2(path):
+    transformers = hf()
     cfg = transformers.GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=None,
                                   eos_token_id=None, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
     model = randomize(transformers.GPT2LMHeadModel(cfg))
