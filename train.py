@@ -465,7 +465,6 @@ def main(argv):
     enabled = [v is not None for v in fixed]
     device = tc.device if tc.device != "auto" else "cuda" if torch.cuda.is_available() else \
         "mps" if torch.backends.mps.is_available() else "cpu"
-    grid = grid._replace(values=grid.values.to(device), budget=grid.budget.to(device))  # indexed by actions chosen on device
     out_dir = Path(tc.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
     if tc.resume and not ckpt_path.exists():
@@ -529,6 +528,7 @@ def main(argv):
     model.eval().requires_grad_(False).to(getattr(torch, tc.dtype))
 
     # 2. the policy and its optimizer
+    grid = grid._replace(values=grid.values.to(device), budget=grid.budget.to(device))  # indexed by actions chosen on device
     policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.tags)).to(device)
     opt = torch.optim.AdamW(policy.parameters(), lr=g.lr, weight_decay=0.0)
     ref_policy = None
