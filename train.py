@@ -539,9 +539,10 @@ def main(argv):
         state = load_checkpoint(ckpt_path, "policy")
         for part in ("gpt", "action", "policy"):
             if state["config"][part] != config[part]:
-                diff = [k for k in config[part] if state["config"][part].get(k) != config[part][k]]
+                diff = [k for k in {**state["config"][part], **config[part]} if state["config"][part].get(k) != config[part].get(k)]
                 raise UsageError(f"{ckpt_path} was trained with another {part} config ({', '.join(diff)}); use its settings or a new --out_dir")
-        if state["config"].get("base_sha1") != base_sha1 or Path(state["config"]["base"]).name != base_path.name:  # another --dataset, --seed, --pretrain_* or checkpoint
+        # another --dataset, --seed or --pretrain_*, or another checkpoint (the same one moved is fine: same hash)
+        if state["config"].get("base_sha1") != base_sha1 or (init is None and Path(state["config"]["base"]).name != base_path.name):
             raise UsageError(f"{ckpt_path} was trained on another base GPT ({state['config']['base']}); use its settings or a new --out_dir")
         policy.load_state_dict(state["policy"])
         opt.load_state_dict(state["optimizer"])

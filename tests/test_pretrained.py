@@ -222,13 +222,14 @@ def test_train_and_eval_on_a_pretrained_llama(tmp_path):
     assert report["config"]["base"] == str(ckpt.resolve()) and len(report["config"]["base_sha1"]) == 40
     assert report["config"]["gpt"]["n_kv_head"] == 2 and report["config"]["gpt"]["vocab_size"] == n + 256
     assert all(r["nll"] > 0 for r in report["results"])
-    p = run("eval.py", f"--out_dir={out}", f"--init_from={ckpt}", "--val_episodes=4", "--eval_episodes=4",
+    moved = ckpt.rename(tmp_path / "moved")  # eval.py finds a checkpoint that has moved by its hash
+    p = run("eval.py", f"--out_dir={out}", f"--init_from={moved}", "--val_episodes=4", "--eval_episodes=4",
             "--search_schedules=2", "--bootstrap=20", "--plot=false")
     assert p.returncode == 0, p.stderr[-2000:]
     assert {r["method"] for r in json.loads((out / "eval.json").read_text())["results"]} >= {"sol", "static", "search"}
     # one clear line for a model flag next to --init_from, for a built-in dataset, and for another checkpoint
     for args, needle in ((["--n_embd=64"], "drop --n_embd"), (["--dataset=synth"], "needs a text dataset")):
-        p = run("train.py", f"--init_from={ckpt}", f"--dataset={text}", f"--out_dir={tmp_path / 'x'}", *grpo, *args)
+        p = run("train.py", f"--init_from={moved}", f"--dataset={text}", f"--out_dir={tmp_path / 'x'}", *grpo, *args)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and needle in p.stderr, p.stderr
     p = run("eval.py", f"--out_dir={out}", f"--init_from={tmp_path}")
     assert p.returncode == 2 and "is not the checkpoint" in p.stderr and p.stderr.count("\n") == 1, p.stderr
