@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sol  # noqa: E402
 from data.synth.prepare import train_bpe  # noqa: E402
-from data.text import llama3_encoding, tokenizer_file  # noqa: E402
+from data.text import LLAMA3_SPECIAL, llama3_encoding, tokenizer_file  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 WORDS = "the quick brown fox jumps over lazy dog and then runs far away into a deep green forest of tall old trees".split()
@@ -198,6 +198,20 @@ def test_llama3_tokenizer_round_trips(tmp_path):
     (ckpt / "original" / "tokenizer.model").unlink()
     with pytest.raises(ValueError, match="no tokenizer in"):
         tokenizer_file(ckpt)
+
+
+def test_llama3_tokenizer_matches_transformers(tmp_path, monkeypatch):
+    """transformers' own converter of Llama-3's tiktoken file (its pattern, its BPE) gives the same ids."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    hf()
+    path = tmp_path / "tokenizer.model"
+    n = write_tokenizer(path)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # transformers reads the file through tiktoken's cache otherwise
+    theirs = TikTokenConverter(str(path), extra_special_tokens=LLAMA3_SPECIAL).converted()
+    ours = llama3_encoding(path)
+    for text in ("The quick brown fox's 1234567 jumps!!\n\n  over the lazy dog  ", "tall\ttrees, ünïcode ✓ and 3.14159 —"):
+        assert ours.encode_ordinary(text) == theirs.encode(text, add_special_tokens=False).ids
+    assert theirs.token_to_id("<|eot_id|>") == ours.encode_single_token("<|eot_id|>") == n + 9
 
 
 def run(script, *args):
