@@ -462,7 +462,7 @@ def hf_config(path):
                 raise ValueError(f"{file}: only silu MLPs with head_dim = hidden_size / num_attention_heads are supported")
             if c.get("attention_bias", False) != c.get("mlp_bias", False):
                 raise ValueError(f"{file}: attention_bias and mlp_bias must agree")
-            if c["num_attention_heads"] % c.get("num_key_value_heads", 1):
+            if c["num_attention_heads"] % (c.get("num_key_value_heads") or 1):
                 raise ValueError(f"{file}: num_key_value_heads must divide num_attention_heads")
             return GPTConfig(block_size=c["max_position_embeddings"], vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"],
                              n_head=c["num_attention_heads"], n_embd=c["hidden_size"], mlp_hidden=c["intermediate_size"],
