@@ -458,7 +458,7 @@ def main(argv):
     # data parallel under torchrun: one process per GPU (or several on a CPU), each taking an equal share of
     # every batch; gradients are averaged, and rank 0 alone prepares data, pretrains, saves, logs and evaluates
     ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    rank, local, world = (int(os.environ[v]) for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
     master = rank == 0
     if ddp:
         if g.batch_size % world:
@@ -467,7 +467,7 @@ def main(argv):
         if device not in ("cuda", "cpu"):
             raise UsageError(f"data-parallel training runs on cuda (nccl) or cpu (gloo), not {device}; pass --device=cpu")
         if device == "cuda":
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            device = f"cuda:{local}"
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if not master:
@@ -507,6 +507,8 @@ def main(argv):
         model.load_state_dict(state["model"])
         print(f"base GPT: reusing {base_path} (val loss {state['val_loss']:.4f})")
     else:
+        if not master:  # rank 0 pretrained it, on another machine
+            raise UsageError(f"{base_path} is missing here: on several machines, data/ must be a folder they share")
         t0 = time.time()
         val = pretrain(model, splits, tc, device, partial, g.ckpt_interval)
         if val is None:
@@ -562,7 +564,7 @@ def main(argv):
     # rank-0 checkpoint resumes any of them) and keeps rows rank*B .. rank*B+B-1: W processes train as one would
     B, K = g.batch_size // world, g.rollouts
     rows = slice(rank * B, (rank + 1) * B)
-    trained = DDP(policy, device_ids=[device] if device.startswith("cuda") else None) if ddp else policy
+    trained = DDP(policy, device_ids=[local] if device.startswith("cuda") else None) if ddp else policy
     pbar = tqdm(range(start, g.max_iters), desc="grpo", dynamic_ncols=True, initial=start, total=g.max_iters, disable=not master)
     for it in pbar:
         opt.zero_grad(set_to_none=True)
