@@ -7,7 +7,6 @@ bit-width of the MLP output (bits) -- and the small causal-transformer policy th
 actions. The episode runner at the bottom decodes a teacher-forced episode under any scheduler:
 the policy, dense, or static allocation.
 """
-import copy
 import itertools
 import math
 from dataclasses import dataclass
@@ -16,6 +15,12 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:  # optional: fake quantization as one fused kernel on CUDA; the plain PyTorch fake_quant is the reference
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 # -----------------------------------------------------------------------------
 # configs
@@ -74,6 +79,8 @@ def topn_mask(score, n):
 
 def fake_quant(x, bits):
     """Symmetric per-token absmax fake quantization of x (N, T, C) to bits[r] bits per row; 16 = identity."""
+    if triton is not None and x.is_cuda:
+        return fake_quant_triton(x, bits)
     bits = bits.view(-1, *[1] * (x.dim() - 1))
     qmax = 2.0 ** (bits - 1) - 1
     scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax  # clamp: an all-zero token stays 0
@@ -81,37 +88,82 @@ def fake_quant(x, bits):
     return torch.where(bits >= 16, x, xq)
 
 
+if triton is not None:
+    @triton.jit
+    def fake_quant_kernel(x_ptr, bits_ptr, out_ptr, C, BLOCK: tl.constexpr):
+        row = tl.program_id(0)  # one token per program: load it, find its absmax, round, store
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * C + offs, mask=offs < C, other=0.0)
+        b = tl.load(bits_ptr + row)
+        qmax = tl.exp2(b - 1.0) - 1.0
+        scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / qmax
+        y = x / scale
+        r = tl.floor(y + 0.5)
+        r = tl.where((r - y == 0.5) & (r - 2.0 * tl.floor(r * 0.5) != 0.0), r - 1.0, r)  # ties to even, as torch.round
+        xq = tl.minimum(tl.maximum(r, -qmax), qmax) * scale
+        tl.store(out_ptr + row * C + offs, tl.where(b >= 16.0, x, xq), mask=offs < C)
+
+    def fake_quant_triton(x, bits):
+        rows = x.reshape(-1, x.size(-1)).contiguous()  # (N*T, C)
+        b = bits.float().repeat_interleave(rows.size(0) // bits.numel()).contiguous()
+        out = torch.empty_like(rows)
+        fake_quant_kernel[(rows.size(0),)](rows, b, out, rows.size(1), BLOCK=triton.next_power_of_2(rows.size(1)))
+        return out.view_as(x)
+
+
 def controllable(past, acfg):
     """A step is controllable ("eff") only if there are past keys beyond the sinks and window."""
     return past > acfg.sinks + acfg.window + 1
 
 
-def sparse_mask(q, k, keep, acfg):
-    """Keys kept by one query per row: q (N, H, 1, hd) at position L-1 over k (N, H, L, hd) -> (N, H, 1, L).
-    Sinks and window are always kept; of the M keys between them a fraction keep[r] is kept."""
-    N, H, L, _ = k.shape
-    Ts, S = acfg.sinks, acfg.page_size
+def n_kept(keep, M):
+    """How many of M keys (or channels) a keep fraction keeps: at least one."""
+    return torch.ceil(keep * M * (1 - 1e-6)).long().clamp(1, M)  # float32 0.3 > 0.3: 0.3*170 must not round up to 52
+
+
+def page_bounds(keys, S):
+    """Keys (..., L, hd) in pages of S -> the centre and radius of each page's bounding box, (..., ceil(L/S), hd)."""
+    P = math.ceil(keys.size(-2) / S)
+    pad = keys[..., -1:, :].expand(*keys.shape[:-2], P * S - keys.size(-2), -1)  # repeating a key leaves max/min as they are
+    pages = torch.cat([keys, pad], -2).unflatten(-2, (P, S))
+    hi, lo = pages.amax(-2), pages.amin(-2)
+    return (hi + lo) / 2, (hi - lo) / 2
+
+
+def sparse_mask(q, k, keep, acfg, k0=None):
+    """Keys kept by one query per row: q (N, H, 1, hd) at position L-1 over the keys k0 (shared prefix,
+    see qk) and k (N, H, L1, hd) -> (N, H, 1, L). Sinks and window are always kept; of the M keys
+    between them a fraction keep[r] is kept."""
+    N, H, L1, _ = k.shape
+    L0 = 0 if k0 is None else k0.size(2)
+    Ts, S, L = acfg.sinks, acfg.page_size, L0 + L1
     M = L - 1 - acfg.window - Ts
     mask = torch.ones(N, H, 1, L, dtype=torch.bool, device=k.device)
     if M <= 1:
         return mask
-    km = k[:, :, Ts:Ts + M]  # (N, H, M, hd) the controllable middle
-    n = torch.ceil(keep * M * (1 - 1e-6)).long().clamp(1, M)  # float32 0.3 > 0.3: 0.3*170 must not round up to 52
+    n = n_kept(keep, M)
     if acfg.criterion == "recency":
-        keep_mid = topn_mask(torch.arange(M, device=k.device).expand(N, H, 1, M), n)
+        keep_mid = (torch.arange(M, device=k.device) >= M - n.view(-1, 1, 1, 1)).expand(N, H, 1, M)
     elif acfg.criterion in ("relevancy", "relevancy_layer"):
-        score = q @ km.transpose(-2, -1)  # (N, H, 1, M) attention logits
+        score = qk(q, k, k0)[..., Ts:Ts + M]  # (N, H, 1, M) attention logits
         if acfg.criterion == "relevancy_layer":
             score = score.mean(1, keepdim=True).expand(N, H, 1, M)
         keep_mid = topn_mask(score, n)
     elif acfg.criterion == "quest":
-        P = math.ceil(M / S)
-        pad = km[:, :, -1:].expand(N, H, P * S - M, -1)  # repeating the last key leaves max/min unchanged
-        pages = torch.cat([km, pad], 2).view(N, H, P, S, -1)
-        kmax, kmin = pages.amax(3), pages.amin(3)  # (N, H, P, hd)
-        score = torch.maximum(q * kmax, q * kmin).sum(-1)  # (N, H, P) upper bound of q.k in the page
-        n_pages = torch.ceil(keep * M / S * (1 - 1e-6)).long().clamp(1, P)
-        keep_mid = topn_mask(score, n_pages).repeat_interleave(S, -1)[..., :M].unsqueeze(2)
+        # a page's score is the largest q.k any key in its box can reach: q.centre + |q|.radius
+        F0 = 0 if k0 is None else max(0, min(L0, Ts + M) - Ts - 1) // S  # pages read from the shared prefix
+        a = Ts + F0 * S
+        rest = k[:, :, max(a - L0, 0):max(Ts + M - L0, 0)]  # the other pages' keys, per row
+        if a < L0:  # the prefix's last page (at most S keys) goes to every row
+            rest = torch.cat([k0[:, :, a:min(L0, Ts + M)].repeat_interleave(N // k0.size(0), 0), rest], 2)
+        c, r = page_bounds(rest, S)
+        score = q @ c.transpose(-2, -1) + q.abs() @ r.transpose(-2, -1)  # (N, H, 1, pages)
+        if F0:
+            c, r = page_bounds(k0[:, :, Ts:a], S)
+            B = k0.size(0)
+            score = torch.cat([unfold(fold(q, B) @ c.transpose(-2, -1) + fold(q.abs(), B) @ r.transpose(-2, -1), N // B), score], -1)
+        n_pages = torch.ceil(keep * M / S * (1 - 1e-6)).long().clamp(1, score.size(-1))
+        keep_mid = topn_mask(score, n_pages).repeat_interleave(S, -1)[..., :M]
     else:
         raise ValueError(f"unknown attention criterion {acfg.criterion!r}; use one of {', '.join(CRITERIA)}")
     mask[..., Ts:Ts + M] = keep_mid
@@ -141,18 +193,46 @@ def action_grid(acfg):
 
 
 class KVCache:
-    """Keys and values of every layer for N rows and up to `size` positions, filled left to right."""
+    """Keys and values of every layer for N rows and up to `size` positions, filled left to right.
+    A cache forked from a parent holds only the positions after the fork: its N = B*K rows read the
+    parent's B rows in place (row r*K+j reads parent row r), so K rollouts never copy their prefix."""
 
-    def __init__(self, n_layer, N, n_head, size, head_dim, device):
+    def __init__(self, n_layer, N, n_head, size, head_dim, device, parent=None):
         self.k = torch.zeros(n_layer, N, n_head, size, head_dim, device=device)
         self.v = torch.zeros_like(self.k)
-        self.len = 0
+        self.parent, self.start = parent, parent.len if parent is not None else 0  # start: first position held here
+        self.len = self.start
 
-    def repeat(self, K):
-        """Each row K times (rows r*K .. r*K+K-1), for the K rollouts of one sequence."""
-        c = copy.copy(self)
-        c.k, c.v = self.k.repeat_interleave(K, 1), self.v.repeat_interleave(K, 1)
-        return c
+    def fork(self, K, size):
+        """K rows per row, sharing the positions cached so far, each with room for `size` more."""
+        assert self.parent is None, "fork a cache that holds its own prefix"
+        n_layer, N, n_head, _, head_dim = self.k.shape
+        return KVCache(n_layer, N * K, n_head, size, head_dim, self.k.device, self)
+
+    def shared(self, layer):
+        """The parent's keys and values this cache reads, (B, H, start, hd) each; None without a parent."""
+        if self.parent is None:
+            return None, None
+        return self.parent.k[layer, :, :, :self.start], self.parent.v[layer, :, :, :self.start]
+
+
+def fold(x, B):
+    """(B*K, H, T, d) -> (B, H, K*T, d): the K rows that share a prefix become K*T queries of one row."""
+    return x.unflatten(0, (B, -1)).transpose(1, 2).flatten(2, 3)
+
+
+def unfold(y, K):
+    """(B, H, K*T, d) -> (B*K, H, T, d), the inverse of fold."""
+    return y.unflatten(2, (K, -1)).transpose(1, 2).flatten(0, 1)
+
+
+def qk(q, k, k0=None):
+    """q.k for q (N, H, T, hd) and every key: first the prefix k0 (B, H, L0, hd) shared by K = N/B rows
+    each (or None), then the row's own keys k (N, H, L1, hd) -> (N, H, T, L0+L1)."""
+    s = q @ k.transpose(-2, -1)
+    if k0 is None:
+        return s
+    return torch.cat([unfold(fold(q, k0.size(0)) @ k0.transpose(-2, -1), q.size(0) // k0.size(0)), s], -1)
 
 
 def rope_tables(T, head_dim, theta):
@@ -166,17 +246,33 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
 
 
-def attention(q, k, v, mask=None, fused=True):
-    """Softmax attention of q (B, H, Tq, hd) over k, v (B, H, Tk, hd); mask is boolean (True = attend),
-    broadcast to (B, H, Tq, Tk), None = plain causal. The fused path is one scaled_dot_product_attention
-    call with causality and sparsity in the same mask (no Triton, CPU or CUDA); the manual path is the same math."""
-    if fused:
+def attention(q, k, v, mask=None, fused=True, k0=None, v0=None):
+    """Softmax attention of q (N, H, Tq, hd) over k, v (N, H, Tk, hd); mask is boolean (True = attend),
+    broadcast to (N, H, Tq, Tk), None = plain causal. The fused path is one scaled_dot_product_attention
+    call with causality and sparsity in the same mask (no Triton, CPU or CUDA); the manual path is the same
+    math. With a shared prefix k0, v0 (see qk) the keys are k0 then k, and attention is always manual."""
+    if k0 is None and fused:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    att = qk(q, k, k0) / math.sqrt(q.size(-1))
     if mask is None:
-        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
-    att = att.masked_fill(~mask, float("-inf"))
-    return F.softmax(att, dim=-1) @ v
+        mask = torch.ones(q.size(-2), att.size(-1), dtype=torch.bool, device=q.device).tril(att.size(-1) - q.size(-2))
+    att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
+    if k0 is None:
+        return att @ v
+    p0, p1 = att.split([k0.size(2), k.size(2)], -1)
+    return unfold(fold(p0, k0.size(0)) @ v0, q.size(0) // k0.size(0)) + p1 @ v
+
+
+def recent_attention(q, k, v, keep, acfg):
+    """attention(q, k, v, sparse_mask(q, k, keep, acfg)) for one row's decode step under the recency
+    criterion, computed on the kept keys only: the sinks and the most recent run are two slices of the
+    cache, read in place, so the cost scales with keep (the masked path reads every key, then drops some).
+    q (1, H, 1, hd), k and v (1, H, L, hd), keep a 0-dim tensor."""
+    Ts, M = acfg.sinks, k.size(2) - 1 - acfg.window - acfg.sinks
+    start = Ts + M - int(n_kept(keep, M)) if M > 1 else Ts
+    att = torch.cat([q @ k[:, :, :Ts].transpose(-2, -1), q @ k[:, :, start:].transpose(-2, -1)], -1)
+    p = F.softmax(att / math.sqrt(q.size(-1)), -1)  # (1, H, 1, Ts + L - start)
+    return p[..., :Ts] @ v[:, :, :Ts] + p[..., Ts:] @ v[:, :, start:]
 
 
 class RMSNorm(nn.Module):
@@ -196,6 +292,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)
         self.fused = True
+        self.realized = True  # one row under recency: read only the kept keys (see recent_attention)
 
     def forward(self, x, rope=None, cache=None, layer=0, act=None, acfg=None):
         B, T, C = x.shape
@@ -204,16 +301,21 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope[0][start:start + T], rope[1][start:start + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask = None
+        mask, k0, v0 = None, None, None
         if cache is not None:
-            cache.k[layer, :, :, start:start + T], cache.v[layer, :, :, start:start + T] = k, v
-            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]  # (B, H, L, hd)
+            i = start - cache.start  # where this cache's own positions begin
+            cache.k[layer, :, :, i:i + T], cache.v[layer, :, :, i:i + T] = k, v
+            k, v = cache.k[layer, :, :, :i + T], cache.v[layer, :, :, :i + T]  # (B, H, L1, hd)
+            k0, v0 = cache.shared(layer)  # (B/K, H, L0, hd) each, or None
             pos = torch.arange(start + T, device=x.device)
             mask = pos[None, :] <= pos[start:, None]  # (T, L) causal, offset by the cached prefix
             if act is not None:
                 assert T == 1, "efficiency actions apply to single-token decode steps"
-                mask = mask & sparse_mask(q, k, act[:, 0], acfg)
-        y = attention(q, k, v, mask, self.fused)
+                mask = mask & sparse_mask(q, k, act[:, 0], acfg, k0)
+        if act is not None and self.realized and B == 1 and k0 is None and acfg.criterion == "recency" and act[0, 0] < 1:
+            y = recent_attention(q, k, v, act[0, 0], acfg)
+        else:
+            y = attention(q, k, v, mask, self.fused, k0, v0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -228,8 +330,7 @@ class GatedMLP(nn.Module):
         h = F.silu(self.gate(x)) * self.up(x)  # (B, T, hidden)
         if act is None:
             return self.down(h)
-        n = torch.ceil(act[:, 1] * h.size(-1) * (1 - 1e-6)).long()
-        h = h * topn_mask(h.abs(), n)  # structured pruning: keep the largest |activation| channels
+        h = h * topn_mask(h.abs(), n_kept(act[:, 1], h.size(-1)))  # structured pruning: keep the largest |activation| channels
         return fake_quant(self.down(h), act[:, 2])
 
 

@@ -15,6 +15,7 @@ Data parallel, one process per GPU (or several on a CPU), each with its share of
 
     torchrun --standalone --nproc_per_node=4 train.py --target_budget 0.5
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -44,6 +45,7 @@ class TrainConfig:
     dataset: str = "synth"  # synth | shakespeare | path/to/file.txt
     out_dir: str = "out"
     device: str = "auto"  # auto | cpu | cuda | mps
+    compile: str = "auto"  # torch.compile the pretraining step: auto = with CUDA | true | false
     seed: int = 1337
     resume: bool = False  # continue the run saved in out_dir
     overwrite: bool = False  # start over even if out_dir holds a run
@@ -94,7 +96,7 @@ class GRPOConfig:
 
 
 CHOICES = {"reward_agg": ("sum", "max"), "adv_level": ("process", "outcome"), "adv_norm": ("center", "zscore"),
-           "criterion": sol.CRITERIA, "device": ("auto", "cpu", "cuda", "mps")}
+           "criterion": sol.CRITERIA, "device": ("auto", "cpu", "cuda", "mps"), "compile": ("auto", "true", "false")}
 
 
 class UsageError(Exception):
@@ -282,6 +284,11 @@ def load_checkpoint(path, what):
         raise UsageError(f"cannot read the {what} checkpoint {path} ({type(e).__name__}); delete it to start over")
 
 
+def autocast(device):
+    """bf16 autocast on CUDA; elsewhere float32 throughout."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+
 def pretrain(model, splits, tc, device, partial, every):
     """Next-token pretraining of the base GPT on random windows of the train split. Every `every` iterations
     (and on SIGINT/SIGTERM, then returning None) its whole state goes to `partial`, which a rerun resumes."""
@@ -298,14 +305,17 @@ def pretrain(model, splits, tc, device, partial, every):
         set_rng_state(state["rng"], rng)
         print(f"base GPT: resuming pretraining from {partial} at iteration {start}")
     model.train()
+    # the fast path where it pays: compiled (fixed shapes, so one compilation) and in bf16 on a GPU
+    forward = torch.compile(model) if tc.compile == "true" or (tc.compile == "auto" and device == "cuda") else model
     pbar = tqdm(range(start, tc.pretrain_iters), desc="pretrain", dynamic_ncols=True, initial=start, total=tc.pretrain_iters)
     for it in pbar:
         lr = tc.pretrain_lr * min(1, (it + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * it / tc.pretrain_iters))
         for group in opt.param_groups:
             group["lr"] = lr
         x = random_windows(splits["train"], tc.pretrain_batch, T + 1, rng).to(device)
-        logits, _ = model(x[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        with autocast(device):
+            logits, _ = forward(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -467,9 +477,8 @@ def main(argv):
         if device not in ("cuda", "cpu"):
             raise UsageError(f"data-parallel training runs on cuda (nccl) or cpu (gloo), not {device}; pass --device=cpu")
         if device == "cuda":
-            device = f"cuda:{local}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            torch.cuda.set_device(local)  # from here on "cuda" is this process's own GPU
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
         if not master:
             sys.stdout = open(os.devnull, "w")  # one log: rank 0's
 
@@ -564,7 +573,7 @@ def main(argv):
     # rank-0 checkpoint resumes any of them) and keeps rows rank*B .. rank*B+B-1: W processes train as one would
     B, K = g.batch_size // world, g.rollouts
     rows = slice(rank * B, (rank + 1) * B)
-    trained = DDP(policy, device_ids=[local] if device.startswith("cuda") else None) if ddp else policy
+    trained = DDP(policy, device_ids=[local] if device == "cuda" else None) if ddp else policy
     pbar = tqdm(range(start, g.max_iters), desc="grpo", dynamic_ncols=True, initial=start, total=g.max_iters, disable=not master)
     for it in pbar:
         opt.zero_grad(set_to_none=True)
@@ -572,9 +581,9 @@ def main(argv):
             # a batch of training sequences, each with its own budget
             x = random_windows(splits["train"], g.batch_size, C + T + 1, rng)[rows].to(device)  # (B, C+T+1)
             target = sample_targets(g, fixed, g.batch_size, rng)[rows].to(device)  # (B, 3)
-            # prefill the context once, densely; the K rollouts of a sequence start from copies of it
+            # prefill the context once, densely; the K rollouts of a sequence all read that one prefix cache
             cache, h0 = sol.prefill(model, x, C, T)
-            cache_k = cache.repeat(K)
+            cache_k = cache.fork(K, T)
             # the dense reference over the controlled steps
             dense = sol.rollout(model, cache, h0, x[:, C:], target, sol.dense_scheduler(grid), grid, acfg, keep_logprobs=g.task_w_kl > 0)
             ref = dense["logprobs"].repeat_interleave(K, 0) if g.task_w_kl > 0 else None

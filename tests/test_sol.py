@@ -1,4 +1,7 @@
 import math
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,6 +42,7 @@ def test_dense_action_reproduces_plain_forward(model):
     for criterion in sol.CRITERIA:
         acfg.criterion = criterion
         assert torch.equal(decode(model, x, 50, dense, acfg), decode(model, x, 50))
+        assert torch.equal(decode(model, x[:1], 50, dense[:1], acfg), decode(model, x[:1], 50))  # one row too
     full, _ = model(x)
     torch.testing.assert_close(decode(model, x, 50), full[:, 50:], atol=1e-5, rtol=1e-5)
 
@@ -60,6 +64,44 @@ def test_fused_attention_matches_manual(model):
         if isinstance(m, sol.CausalSelfAttention):
             m.fused = False
     torch.testing.assert_close(decode(model, x, 60, actions, acfg), fused, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_realized_recency_matches_masked(model):
+    """One row under recency reads only the kept keys; it decodes as the masked path does."""
+    acfg, grid = sol.ActionConfig(), sol.action_grid(sol.ActionConfig())
+    x = torch.randint(0, CFG.vocab_size, (1, 90))
+    actions = grid.values[torch.randint(0, len(grid.tags), (1, 80))]  # from 10 keys on: short contexts too
+    realized = decode(model, x, 10, actions, acfg)
+    for m in model.modules():
+        if isinstance(m, sol.CausalSelfAttention):
+            m.realized = False
+    torch.testing.assert_close(realized, decode(model, x, 10, actions, acfg), atol=1e-5, rtol=1e-5)
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 60, 8), torch.randn(1, 2, 60, 8)
+    for keep in acfg.keep:
+        mask = sol.sparse_mask(q, k, torch.tensor([keep]), acfg)
+        torch.testing.assert_close(sol.recent_attention(q, k, v, torch.tensor(keep), acfg), sol.attention(q, k, v, mask))
+
+
+@pytest.mark.parametrize("criterion", sol.CRITERIA)
+@pytest.mark.parametrize("C", [6, 28, 45])
+@torch.no_grad()
+def test_forked_cache_matches_copies(model, criterion, C):
+    """K rollouts reading one shared prefix cache decode exactly as K private copies of it."""
+    torch.manual_seed(C)
+    acfg, grid = sol.ActionConfig(criterion=criterion), sol.action_grid(sol.ActionConfig())
+    B, K, T = 3, 4, 12
+    x = torch.randint(0, CFG.vocab_size, (B, C + T + 1))
+    cache, h0 = sol.prefill(model, x, C, T)
+    copies = model.new_cache(B * K, C + T)
+    copies.k[:, :, :, :C], copies.v[:, :, :, :C] = (t[:, :, :, :C].repeat_interleave(K, 1) for t in (cache.k, cache.v))
+    copies.len = C
+    actions = torch.randint(0, len(grid.tags), (B * K, T))
+    xs, hs, target = x[:, C:].repeat_interleave(K, 0), h0.repeat_interleave(K, 0), torch.full((B * K, 3), 0.5)
+    runs = [sol.rollout(model, c, hs, xs, target, lambda t, obs: actions[:, t], grid, acfg) for c in (cache.fork(K, T), copies)]
+    torch.testing.assert_close(runs[0]["logp"], runs[1]["logp"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(runs[0]["achieved"], runs[1]["achieved"])
+    assert cache.len == C and not cache.k[:, :, :, C:].any()  # the rollouts wrote nothing into the shared prefix
 
 
 @pytest.mark.parametrize("criterion", sol.CRITERIA)
@@ -203,3 +245,48 @@ def test_rollout_dense_and_static_budgets(model):
     roll = run(sol.policy_scheduler(policy, greedy=False, generator=torch.Generator().manual_seed(0)))
     assert roll["action"].shape == (N, T) and roll["action"].max() < len(grid.tags)
     assert roll["scalars"].shape == (N, T, 8) and torch.equal(roll["prev_action"][:, 1:], roll["action"][:, :-1])
+
+
+@pytest.mark.parametrize("criterion", sol.CRITERIA)
+def test_shared_prefix_gives_the_same_mask_and_attention(criterion):
+    torch.manual_seed(0)
+    acfg = sol.ActionConfig(criterion=criterion)
+    B, K, H, hd = 2, 3, 2, 8
+    for L0 in (5, 12, 13, 20, 28, 29):
+        for L1 in range(1, 14):
+            k0, v0 = torch.randn(B, H, L0, hd), torch.randn(B, H, L0, hd)
+            k1, v1, q = torch.randn(B * K, H, L1, hd), torch.randn(B * K, H, L1, hd), torch.randn(B * K, H, 1, hd)
+            keep = torch.rand(B * K)
+            k, v = torch.cat([k0.repeat_interleave(K, 0), k1], 2), torch.cat([v0.repeat_interleave(K, 0), v1], 2)
+            mask = sol.sparse_mask(q, k, keep, acfg)
+            assert torch.equal(sol.sparse_mask(q, k1, keep, acfg, k0), mask), (L0, L1)
+            torch.testing.assert_close(sol.attention(q, k1, v1, mask, True, k0, v0), sol.attention(q, k, v, mask), atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_compiled_forward_matches_eager(model):
+    """torch.compile is the optional fast path (train.py uses it with CUDA); the plain modules are the reference."""
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile needs a C++ compiler on the CPU")
+    x = torch.randint(0, CFG.vocab_size, (2, 40))
+    for a, b in zip(torch.compile(model)(x), model(x)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_fake_quant_matches_torch():
+    """The Triton kernel (used on CUDA when Triton is installed) against the PyTorch reference, run on the CPU
+    by Triton's interpreter; it reads TRITON_INTERPRET when imported, hence a fresh process."""
+    pytest.importorskip("triton")
+    code = """
+import torch, sol
+torch.manual_seed(0)
+x = torch.randn(6, 3, 100) * torch.tensor([1e-3, 1.0, 10.0, 1e4, 0.0, 1.0]).view(6, 1, 1)
+x[5, 0, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.0, 7.0])  # exact ties round to even
+for bits in ([5, 8, 12, 16, 3, 2], [4, 4, 4, 4, 4, 4]):
+    bits = torch.tensor(bits, dtype=torch.float32)
+    assert torch.equal(sol.fake_quant_triton(x, bits), sol.fake_quant(x, bits)), bits
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(sol.__file__).parent, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -1,0 +1,260 @@
+"""
+Benchmarks, nanoGPT-style: what the pieces of SOL cost on this machine. Timings are medians of several
+runs after a warm-up; nothing here is asserted by the tests.
+
+    python bench.py                 # the default GPT config
+    python bench.py --large         # and a larger one
+    python bench.py --json          # one JSON object instead of the table
+
+1. pretraining tokens/s and model FLOPs utilization against a measured matmul peak;
+2. one GRPO step (prefill, dense reference, K sampled rollouts, policy update): episodes/s and peak memory
+   for K = 1 and K = 16 (the K rollouts read one shared prefix cache);
+3. decode latency per step at batch 1, by action: dense, a keep sweep, a prune sweep, bits; and the
+   attention and MLP of one layer alone, where the savings are decided;
+4. the policy's share of the FLOPs of a decode step.
+"""
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from multiprocessing import get_context
+
+import torch
+
+import sol
+import train
+from sol import ActionConfig, GPTConfig, PolicyConfig
+
+
+@dataclass
+class BenchConfig:
+    device: str = "auto"
+    seed: int = 1337
+    large: bool = False  # also run the larger config below
+    json: bool = False
+    reps: int = 7  # timed runs per figure (median), after one warm-up
+    batch_size: int = 8  # GRPO sequences per step
+    context_len: int = 512  # GRPO prefix C
+    rollout_len: int = 16  # GRPO controlled steps T
+    decode_context: int = 4096  # keys in the cache for the decode latencies
+
+
+LARGE = dict(n_layer=4, n_head=8, n_embd=512, mlp_hidden=1408)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, reps, device):
+    """Median seconds of fn() over reps runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(device, reps):
+    """FLOP/s of a large square float32 matmul: the yardstick for model FLOPs utilization."""
+    n = 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n ** 3 / timeit(lambda: a @ b, reps, device)
+
+
+def pretrain_speed(gcfg, bc, device):
+    """Tokens/s of a forward, backward and AdamW step of the base GPT at batch 16, and its FLOPs per token."""
+    model = sol.GPT(gcfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, gcfg.vocab_size, (16, gcfg.block_size + 1), device=device)
+
+    def step():
+        logits, _ = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = 6 * n_params + 12 * gcfg.n_layer * gcfg.n_embd * gcfg.block_size  # as nanoGPT's estimate_mfu
+    return x[:, :-1].numel() / timeit(step, max(bc.reps // 2, 2), device), flops_per_token
+
+
+def grpo_setup(gcfg, bc, device, K):
+    """A frozen GPT, a fresh policy and one GRPO step as train.py takes it (one PPO epoch: ratio 1)."""
+    torch.manual_seed(bc.seed)
+    acfg, pcfg, g = ActionConfig(), PolicyConfig(), train.GRPOConfig(rollouts=K, batch_size=bc.batch_size)
+    grid, fixed = sol.action_grid(acfg), train.targets(g, acfg)
+    model = sol.GPT(gcfg).to(device).eval().requires_grad_(False)
+    policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.tags)).to(device)
+    opt = torch.optim.AdamW(policy.parameters(), lr=g.lr)
+    B, C, T = bc.batch_size, bc.context_len, bc.rollout_len
+    gen = torch.Generator().manual_seed(bc.seed)
+
+    def step():
+        x = torch.randint(0, gcfg.vocab_size, (B, C + T + 1), generator=gen).to(device)
+        target = torch.tensor([fixed]).expand(B, 3).to(device)
+        cache, h0 = sol.prefill(model, x, C, T)
+        shared = cache.fork(K, T)  # before the dense reference appends its T steps to the prefix cache
+        dense = sol.rollout(model, cache, h0, x[:, C:], target, sol.dense_scheduler(grid), grid, acfg)
+        with torch.no_grad():
+            roll = sol.rollout(model, shared, h0.repeat_interleave(K, 0), x[:, C:].repeat_interleave(K, 0),
+                               target.repeat_interleave(K, 0), sol.policy_scheduler(policy, greedy=False), grid, acfg)
+        penalty = train.budget_penalty(roll["achieved"], target.repeat_interleave(K, 0), [True] * 3, g)
+        A = train.advantages(train.returns(roll["logp"], g) - penalty[:, None], B, K, g)
+        logp, entropy, _ = train.policy_logprobs(policy, roll)
+        loss = -(A * logp).mean() - g.ent_coef * entropy.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return dense
+    return step
+
+
+def rss(field):
+    """Resident memory in bytes from /proc/self/status: VmRSS now, VmHWM the peak since the last reset."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def grpo_peak_memory(gcfg, bc, device, K):
+    """Bytes a GRPO step holds at its peak, above what was held before it. On the CPU: the peak resident
+    size of a fresh process (run it in one), reset just before the step (Linux 4.0+: clear_refs 5)."""
+    torch.set_num_threads(1)
+    step = grpo_setup(gcfg, bc, device, K)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        return torch.cuda.max_memory_allocated() - base
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = rss("VmRSS")
+    step()
+    return rss("VmHWM") - base
+
+
+def decode_latency(gcfg, bc, device):
+    """Seconds per decode step at batch 1 with decode_context keys cached, whole model and one layer's parts."""
+    torch.manual_seed(bc.seed)
+    acfg = ActionConfig()
+    L = bc.decode_context
+    gcfg = replace(gcfg, block_size=L + 1)
+    model = sol.GPT(gcfg).to(device).eval()
+    x = torch.randint(0, gcfg.vocab_size, (1, L + 1), device=device)
+    cache = model.new_cache(1, L + 1)
+    cache.k.normal_()  # a full cache of random keys and values: the timings do not depend on their values
+    cache.v.normal_()
+    cache.len = L
+    act = lambda keep=1.0, prune=1.0, bits=16.0: torch.tensor([[keep, prune, bits]], device=device)
+
+    def model_step(a):
+        model(x[:, L:], cache, a, acfg)
+        cache.len = L  # take the token back out: every run decodes at the same length
+
+    actions = {"dense": None, **{f"keep {k:g}": act(keep=k) for k in acfg.keep},
+               **{f"prune {p:g}": act(prune=p) for p in acfg.prune}, **{f"bits {b:g}": act(bits=b) for b in acfg.bits}}
+    out = {"step": {}, "attention": {}, "mlp": {}}
+    with torch.no_grad():
+        for name, a in actions.items():
+            out["step"][name] = timeit(lambda: model_step(a), bc.reps, device)
+        hd = gcfg.n_embd // gcfg.n_head
+        q, k, v = (torch.randn(1, gcfg.n_head, n, hd, device=device) for n in (1, L + 1, L + 1))
+        out["attention"]["dense"] = timeit(lambda: sol.attention(q, k, v, torch.ones(1, L + 1, dtype=torch.bool, device=device)), bc.reps, device)
+        for keep in acfg.keep[:-1]:  # realized: recent_attention reads the kept keys only
+            out["attention"][f"keep {keep:g}"] = timeit(lambda: sol.recent_attention(q, k, v, torch.tensor(keep), acfg), bc.reps, device)
+        for keep in (0.25,):  # the masked path, as the GRPO rollouts run it: every key is read
+            masked = lambda: sol.attention(q, k, v, sol.sparse_mask(q, k, torch.tensor([keep], device=device), acfg))
+            out["attention"][f"masked keep {keep:g}"] = timeit(masked, bc.reps, device)
+        mlp, h = model.blocks[0].mlp, torch.randn(1, 1, gcfg.n_embd, device=device)
+        out["mlp"]["dense"] = timeit(lambda: mlp(h), bc.reps, device)
+        for prune in acfg.prune:
+            out["mlp"][f"prune {prune:g}"] = timeit(lambda: mlp(h, act(prune=prune)), bc.reps, device)
+    return out
+
+
+def bench(name, gcfg, bc, device, peak):
+    print(f"[{name}] {gcfg}", file=sys.stderr)
+    tok_s, flops_per_token = pretrain_speed(gcfg, bc, device)
+    r = {"config": asdict(gcfg), "pretrain_tokens_per_s": tok_s, "mfu": tok_s * flops_per_token / peak, "grpo": {}}
+    C, T = bc.context_len, bc.rollout_len
+    gcfg_grpo = replace(gcfg, block_size=C + T)
+    for K in (1, 16):
+        step = grpo_setup(gcfg_grpo, bc, device, K)
+        if device == "cpu":  # a fresh process per run, see grpo_peak_memory; the median of three
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+                memory = statistics.median(pool.submit(grpo_peak_memory, gcfg_grpo, bc, device, K).result() for _ in range(3))
+        else:
+            memory = grpo_peak_memory(gcfg_grpo, bc, device, K)
+        r["grpo"][f"K={K}"] = {"episodes_per_s": bc.batch_size * K / timeit(step, max(bc.reps // 2, 2), device),
+                              "peak_memory_mb": memory / 2 ** 20}
+    r["decode_s"] = decode_latency(gcfg, bc, device)
+    grid = sol.action_grid(ActionConfig())
+    pcfg = PolicyConfig()
+    policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.tags))
+    lm = sol.GPT(replace(gcfg, block_size=C + T))
+    r["policy_flops_share"] = sol.matmul_flops(policy, T, pcfg.n_layer, pcfg.width) / sol.matmul_flops(lm, C + T, gcfg.n_layer, gcfg.n_embd)
+    return r
+
+
+def report(results, machine):
+    print(f"machine: {machine['cpu']} | {machine['threads']} threads | torch {machine['torch']} | {machine['device']} "
+          f"| matmul peak {machine['matmul_gflops']:.1f} GFLOP/s")
+    print(f"grpo: batch {machine['batch_size']} sequences, context {machine['context_len']}, {machine['rollout_len']} steps | "
+          f"decode: batch 1, {machine['decode_context']} cached keys | median of {machine['reps']} runs")
+    for name, r in results.items():
+        c = r["config"]
+        print(f"\n[{name}] n_layer {c['n_layer']}, n_head {c['n_head']}, n_embd {c['n_embd']}, mlp_hidden {c['mlp_hidden']}")
+        print(f"pretraining: {r['pretrain_tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.1%}")
+        g1, g16 = r["grpo"]["K=1"], r["grpo"]["K=16"]
+        print(f"grpo step: K=1 {g1['episodes_per_s']:.1f} episodes/s, peak {g1['peak_memory_mb']:.1f} MB | "
+              f"K=16 {g16['episodes_per_s']:.1f} episodes/s, peak {g16['peak_memory_mb']:.1f} MB "
+              f"({g16['peak_memory_mb'] / g1['peak_memory_mb']:.2f}x)")
+        print(f"policy share of a decode step's FLOPs: {r['policy_flops_share']:.1%}")
+        for part, times in r["decode_s"].items():
+            dense = times["dense"]
+            print(f"decode {part:<9} " + "  ".join(f"{a} {t * 1e3:.3f} ms ({t / dense:.2f}x)" if a != "dense" else f"dense {t * 1e3:.3f} ms"
+                                                  for a, t in times.items()))
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def main(argv):
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # CPU: large tensors leave the resident set when freed, not cached
+    bc = BenchConfig()
+    train.parse_args(argv, (bc,))
+    device = bc.device if bc.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(bc.seed)
+    machine = {**asdict(bc), "cpu": cpu_name(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else device}
+    machine["matmul_gflops"] = matmul_peak(device, bc.reps) / 1e9
+    configs = {"default": GPTConfig(vocab_size=640)}  # the synth corpus's vocabulary
+    if bc.large:
+        configs["large"] = GPTConfig(vocab_size=640, **LARGE)
+    results = {name: bench(name, gcfg, bc, device, machine["matmul_gflops"] * 1e9) for name, gcfg in configs.items()}
+    if bc.json:
+        print(json.dumps({"machine": machine, "results": results}, indent=2))
+    else:
+        report(results, machine)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except train.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
