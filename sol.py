@@ -694,9 +694,11 @@ def static_scheduler(acfg, achieved):
     return pick
 
 
-def policy_scheduler(policy, greedy, generator=None, bias=None):
+def policy_scheduler(policy, greedy, generator=None, bias=None, shard=(0, 1)):
     """The learned schedule: sample (training rollouts) or take the argmax (evaluation). bias (A,) is added
-    to the logits: evaluation uses it to steer greedy decoding onto the budget (see calibrate in train.py)."""
+    to the logits: evaluation uses it to steer greedy decoding onto the budget (see calibrate in train.py).
+    shard (rank, world): these rows are part `rank` of `world` equal parts of a larger batch, one per
+    data-parallel process; every process draws the whole batch's noise, so each samples what one would."""
     cache = None
 
     def pick(t, obs):
@@ -709,5 +711,9 @@ def policy_scheduler(policy, greedy, generator=None, bias=None):
         if greedy:
             return logits.argmax(-1)
         probs = F.softmax(logits.float() / policy.pcfg.temperature, -1)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        # torch.multinomial's own one-sample method (argmax of p / Exp(1) noise, the same draws bit for bit)
+        rank, world = shard
+        N = probs.size(0)
+        noise = torch.empty(world * N, probs.size(1), device=probs.device).exponential_(generator=generator)
+        return (probs / noise[rank * N:(rank + 1) * N]).argmax(-1)
     return pick

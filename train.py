@@ -12,6 +12,10 @@ Train a SOL policy with GRPO on teacher-forced episodes, on top of a frozen GPT.
 3. GRPO (METHOD.md section 3): prefill the context densely, run a dense reference and K sampled
    schedules over the next T tokens, reward the log-probs, penalize missed budgets, update the policy;
 4. evaluate on the test split: SOL (greedy), dense, and static allocation at SOL's achieved budget.
+
+Data parallel, one process per GPU (or several on a CPU), each with its share of every batch:
+
+    torchrun --standalone --nproc_per_node=4 train.py --target_budget 0.5
 """
 import contextlib
 import hashlib
@@ -27,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import sol
@@ -57,7 +63,7 @@ class TrainConfig:
 @dataclass
 class GRPOConfig:
     max_iters: int = 200
-    batch_size: int = 8  # training sequences per micro-batch
+    batch_size: int = 8  # training sequences per micro-batch, over all processes together
     rollouts: int = 16  # K schedules per sequence
     context_len: int = 128  # C, prefilled densely (reference 512)
     rollout_len: int = 16  # T controlled steps
@@ -289,15 +295,16 @@ def save_atomic(obj, path):
 
 
 def rng_state(rng):
+    # cuda: the generator of the device this process samples on (each rank's own, all in the same state)
     return {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state,
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state, rng):
     torch.set_rng_state(state["torch"])
     rng.bit_generator.state = state["numpy"]
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def load_checkpoint(path, what):
@@ -393,6 +400,15 @@ def budget_penalty(achieved, target, enabled, g):
     return (cost * alpha.to(cost.device)).sum(-1)
 
 
+def gather_rows(x):
+    """Every process's x stacked in rank order: the whole batch's rows, under data parallelism; else x."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 def advantages(G, B, K, g):
     """Group-relative advantages: compare each rollout with the K rollouts of the same sequence."""
     A = G[:, :1].expand_as(G) if g.adv_level == "outcome" else G  # (B*K, T)
@@ -401,12 +417,15 @@ def advantages(G, B, K, g):
     if g.adv_norm == "zscore":
         A = A / (A.std(1, keepdim=True) + 1e-8)
     A = A.reshape(B * K, -1)
-    return (A - A.mean()) / (A.std() + 1e-8) if g.whiten else A
+    if not g.whiten:
+        return A
+    batch = gather_rows(A)  # whitened over the whole batch, every process's rows
+    return (A - batch.mean()) / (batch.std() + 1e-8)
 
 
-def policy_logprobs(policy, roll):
+def policy_logprobs(policy, roll, temperature):
     """Replay the recorded steps through the policy in one causal forward: log pi(a_t) and entropy, (N, T)."""
-    logits = policy(roll["h_prev"], roll["emb"], roll["scalars"], roll["prev_action"]) / policy.pcfg.temperature
+    logits = policy(roll["h_prev"], roll["emb"], roll["scalars"], roll["prev_action"]) / temperature
     logp_all = F.log_softmax(logits.float(), -1)
     return logp_all.gather(-1, roll["action"][..., None])[..., 0], -(logp_all.exp() * logp_all).sum(-1), logp_all
 
@@ -474,10 +493,30 @@ def main(argv):
     parent = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
     if not (parent.is_dir() and os.access(parent, os.W_OK)):
         raise UsageError(f"cannot write to --out_dir={out_dir} ({parent} is not a writable folder); choose another --out_dir")
-    cmd = shlex.join(["python", "train.py", *argv])
+    cmd = shlex.join(["python", "train.py", *argv])  # a resumed run may use any number of processes
+
+    # data parallel under torchrun: one process per GPU (or several on a CPU), each taking an equal share of
+    # every batch; gradients are averaged, and rank 0 alone prepares data, pretrains, saves, logs and evaluates
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local, world = (int(os.environ[v]) for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    master = rank == 0
+    if ddp:
+        if g.batch_size % world:
+            raise UsageError(f"--batch_size={g.batch_size} is the batch of all {world} processes together and must "
+                             f"divide evenly among them; e.g. --batch_size={g.batch_size // world * world or world}")
+        if device not in ("cuda", "cpu"):
+            raise UsageError(f"data-parallel training runs on cuda (nccl) or cpu (gloo), not {device}; pass --device=cpu")
+        if device == "cuda":
+            torch.cuda.set_device(local)  # from here on "cuda" is this process's own GPU
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if not master:
+            sys.stdout = open(os.devnull, "w")  # one log: rank 0's
 
     def stop(saved, then):
-        print(f"{signal.Signals(STOP['signal']).name}: saved {saved}; to continue, run {then}", file=sys.stderr)
+        if master:
+            print(f"{signal.Signals(STOP['signal']).name}: saved {saved}; to continue, run {then}", file=sys.stderr)
+        if ddp:
+            dist.destroy_process_group()
         sys.exit(128 + STOP["signal"])
 
     init = Path(tc.init_from).expanduser() if tc.init_from else None
@@ -486,6 +525,8 @@ def main(argv):
         if flags:
             raise UsageError(f"--init_from takes the model config from the checkpoint; drop --{', --'.join(flags)}")
         gcfg = sol.hf_config(init)
+    if ddp and not master:
+        dist.barrier()  # rank 0 prepares the data and pretrains the base GPT first; the others then read them
     data_dir, meta, splits = load_dataset(tc.dataset, init)
     if init is None:
         gcfg.vocab_size = meta["vocab_size"]
@@ -518,6 +559,8 @@ def main(argv):
         model.load_state_dict(state["model"])
         print(f"base GPT: reusing {base_path} (val loss {state['val_loss']:.4f})")
     else:
+        if not master:  # rank 0 pretrained it, on another machine
+            raise UsageError(f"{base_path} is missing here: on several machines, data/ must be a folder they share")
         t0 = time.time()
         val = pretrain(model, splits, tc, device, partial, g.ckpt_interval)
         if val is None:
@@ -526,6 +569,8 @@ def main(argv):
         print(f"base GPT: saved to {base_path} after {time.time() - t0:.0f} s")
     partial.unlink(missing_ok=True)
     model.eval().requires_grad_(False).to(getattr(torch, tc.dtype))
+    if ddp and master:
+        dist.barrier()
 
     # 2. the policy and its optimizer
     grid = grid._replace(values=grid.values.to(device), budget=grid.budget.to(device))  # indexed by actions chosen on device
@@ -562,19 +607,25 @@ def main(argv):
           + (" (training targets sampled per sequence from ranges)" if g.sample_budgets else ""))
 
     def save(it):
+        if not master:
+            return
         out_dir.mkdir(parents=True, exist_ok=True)
         save_atomic({"policy": policy.state_dict(), "optimizer": opt.state_dict(), "iter": it, "config": config,
                      "initial_policy": initial, "skipped": skipped, "rng": rng_state(rng)}, ckpt_path)
 
     # 3. GRPO
-    B, K = g.batch_size, g.rollouts
-    pbar = tqdm(range(start, g.max_iters), desc="grpo", dynamic_ncols=True, initial=start, total=g.max_iters)
+    # B sequences per process. Every process draws the whole batch (all generators stay in step, so the
+    # rank-0 checkpoint resumes any of them) and keeps rows rank*B .. rank*B+B-1: W processes train as one would
+    B, K = g.batch_size // world, g.rollouts
+    rows = slice(rank * B, (rank + 1) * B)
+    trained = DDP(policy, device_ids=[local] if device == "cuda" else None) if ddp else policy
+    pbar = tqdm(range(start, g.max_iters), desc="grpo", dynamic_ncols=True, initial=start, total=g.max_iters, disable=not master)
     for it in pbar:
         opt.zero_grad(set_to_none=True)
-        for _ in range(g.grad_accum):
+        for micro in range(g.grad_accum):
             # a batch of training sequences, each with its own budget
-            x = random_windows(splits["train"], B, C + T + 1, rng).to(device)  # (B, C+T+1)
-            target = sample_targets(g, fixed, B, rng).to(device)  # (B, 3)
+            x = random_windows(splits["train"], g.batch_size, C + T + 1, rng)[rows].to(device)  # (B, C+T+1)
+            target = sample_targets(g, fixed, g.batch_size, rng)[rows].to(device)  # (B, 3)
             # prefill the context once, densely; the K rollouts of a sequence all read that one prefix cache
             cache, h0 = sol.prefill(model, x, C, T)
             cache_k = cache.fork(K, T)
@@ -584,7 +635,7 @@ def main(argv):
             # K counterfactual schedules per sequence: same tokens, compute sampled from the policy
             with torch.no_grad():
                 roll = sol.rollout(model, cache_k, h0.repeat_interleave(K, 0), x[:, C:].repeat_interleave(K, 0),
-                                   target.repeat_interleave(K, 0), sol.policy_scheduler(policy, greedy=False), grid, acfg, ref)
+                                   target.repeat_interleave(K, 0), sol.policy_scheduler(policy, greedy=False, shard=(rank, world)), grid, acfg, ref)
             # step rewards, returns, budget penalty, group-relative advantage
             reward = (1 - g.task_w_kl) * roll["logp"] - (g.task_w_kl * roll["kl"] if ref is not None else 0)
             penalty = budget_penalty(roll["achieved"], target.repeat_interleave(K, 0), enabled, g)
@@ -592,16 +643,18 @@ def main(argv):
             A = advantages(G, B, K, g)
             # PPO clipped surrogate against the sampling policy, entropy bonus, optional KL to the initial policy
             with torch.no_grad():
-                old_logp = policy_logprobs(policy, roll)[0]
-            for _ in range(g.ppo_epochs):
-                logp, entropy, logp_all = policy_logprobs(policy, roll)
+                old_logp = policy_logprobs(policy, roll, pcfg.temperature)[0]
+            for epoch in range(g.ppo_epochs):
+                if ddp:  # average the gradients across processes once, in the iteration's last backward (as nanoGPT)
+                    trained.require_backward_grad_sync = micro == g.grad_accum - 1 and epoch == g.ppo_epochs - 1
+                logp, entropy, logp_all = policy_logprobs(trained, roll, pcfg.temperature)
                 ratio = (logp - old_logp).exp()
                 surrogate = torch.minimum(ratio * A, ratio.clamp(1 - g.clip_eps, 1 + g.clip_eps) * A)
                 loss = -surrogate.mean() - g.ent_coef * entropy.mean()
                 if ref_policy is not None:
-                    ref_all = policy_logprobs(ref_policy, roll)[2]
+                    ref_all = policy_logprobs(ref_policy, roll, pcfg.temperature)[2]
                     loss = loss + g.kl_coef * (logp_all.exp() * (logp_all - ref_all)).sum(-1).mean()
-                (loss / (g.grad_accum * g.ppo_epochs)).backward()
+                (loss / (g.grad_accum * g.ppo_epochs)).backward()  # a mean over rows: the processes' average is the batch's
         # a non-finite reward, advantage or loss makes every gradient non-finite: skip the update, never average it in
         if torch.isfinite(torch.nn.utils.clip_grad_norm_(policy.parameters(), g.grad_clip)):
             opt.step()
@@ -612,6 +665,10 @@ def main(argv):
         pbar.set_postfix(reward=f"{roll['logp'].mean():.3f}", dense=f"{dense['logp'].mean():.3f}",
                          keep=f"{ach[0]:.2f}", prune=f"{ach[1]:.2f}", bits=f"{ach[2] * 16:.1f}",
                          gap=f"{(roll['achieved'] - target.repeat_interleave(K, 0)).abs().mean():.3f}", skipped=skipped)
+        if ddp:  # a signal reaches the processes at different moments: all stop after the same iteration
+            flag = torch.tensor(STOP["signal"], device=device)
+            dist.all_reduce(flag, dist.ReduceOp.MAX)
+            STOP["signal"] = int(flag)
         if (it + 1) % g.ckpt_interval == 0 or it + 1 == g.max_iters or STOP["signal"]:
             save(it + 1)
         if STOP["signal"]:
@@ -623,6 +680,10 @@ def main(argv):
     if start >= g.max_iters:
         print(f"{ckpt_path} already finished {start} iterations; evaluating it")
     save(max(start, g.max_iters))
+    if ddp:
+        dist.destroy_process_group()
+        if not master:
+            return
 
     # 4. held-out evaluation at the target: calibrate greedy decoding's budget on val, report on test
     policy.eval()
