@@ -201,7 +201,7 @@ def bench(name, gcfg, bc, device, peak):
     pcfg = PolicyConfig()
     policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.tags))
     lm = sol.GPT(replace(gcfg, block_size=C + T))
-    r["policy_flops_share"] = sol.matmul_flops(policy, T, pcfg.n_layer, pcfg.width) / sol.matmul_flops(lm, C + T, gcfg.n_layer, gcfg.n_embd)
+    r["policy_flops_share"] = sol.matmul_flops(policy, T, pcfg.depth, pcfg.width) / sol.matmul_flops(lm, C + T, gcfg.n_layer, gcfg.n_embd)
     return r
 
 

@@ -177,7 +177,7 @@ def generate(model, ids, n, make_scheduler, target, grid, acfg):
     """Greedy continuation under a schedule; returns the new tokens and the achieved budget."""
     x = torch.tensor([ids])
     cache = model.new_cache(1, x.size(1) + n)
-    _, h = model(x, cache)
+    h = model.hidden(x, cache)
     scheduler, spent, n_eff, out, prev = make_scheduler(), torch.zeros(3), 0, [], torch.tensor([len(grid.tags)])
     token = model.lm_head(h[:, -1]).argmax(-1)
     for t in range(n):

@@ -67,8 +67,8 @@ class ActionConfig:
 @dataclass
 class PolicyConfig:
     width: int = 64
-    n_head: int = 4
-    n_layer: int = 1
+    heads: int = 4
+    depth: int = 1  # transformer blocks
     act_emb: int = 32
     scalar_hidden: int = 32
     max_steps: int = 64  # longest rollout the position embedding covers
@@ -421,6 +421,11 @@ class GPT(nn.Module):
     def forward(self, idx, cache=None, act=None, acfg=None):
         """idx (B, T) -> logits (B, T, V) and final hidden states (B, T, C). With a cache the T tokens are
         appended after the cached ones; act (B, 3) is one (keep, prune, bits) action per row, T must be 1."""
+        h = self.hidden(idx, cache, act, acfg)
+        return self.lm_head(h), h
+
+    def hidden(self, idx, cache=None, act=None, acfg=None):
+        """The final hidden states alone: a prefill needs no logits (for a 128k vocabulary, the largest tensor)."""
         start = cache.len if cache is not None else 0
         assert start + idx.size(1) <= self.cfg.block_size, "sequence longer than block_size"
         x = self.wte(idx)
@@ -431,8 +436,7 @@ class GPT(nn.Module):
             x = block(x, rope, cache, i, act, acfg)
         if cache is not None:
             cache.len += idx.size(1)
-        h = self.norm(x)
-        return self.lm_head(h), h
+        return self.norm(x)
 
 # -----------------------------------------------------------------------------
 # pretrained checkpoints: a folder with config.json and model.safetensors (or shards and their index, or pytorch_model.bin)
@@ -564,15 +568,15 @@ class Policy(nn.Module):
         self.act_emb = nn.Embedding(n_actions + 1, pcfg.act_emb)  # index n_actions is BOS
         self.inp = nn.Linear(2 * d_lm + pcfg.scalar_hidden + pcfg.act_emb, pcfg.width)
         self.pos = nn.Embedding(pcfg.max_steps, pcfg.width)
-        block = GPTConfig(n_embd=pcfg.width, n_head=pcfg.n_head, mlp_hidden=4 * pcfg.width)
-        self.blocks = nn.ModuleList(Block(block) for _ in range(pcfg.n_layer))
+        block = GPTConfig(n_embd=pcfg.width, n_head=pcfg.heads, mlp_hidden=4 * pcfg.width)
+        self.blocks = nn.ModuleList(Block(block) for _ in range(pcfg.depth))
         self.norm = RMSNorm(pcfg.width)
         self.head = nn.Linear(pcfg.width, n_actions)
         self.budget_head = nn.Linear(3, n_actions)  # lets the targets shift the logits directly
 
     def new_cache(self, N):
         p = self.pcfg
-        return KVCache(p.n_layer, N, p.n_head, p.max_steps, p.width // p.n_head, self.head.weight.device)
+        return KVCache(p.depth, N, p.heads, p.max_steps, p.width // p.heads, self.head.weight.device)
 
     def forward(self, h_prev, emb, scalars, prev_action, cache=None):
         """(N, T, .) step inputs -> (N, T, A) logits. With a cache the T steps are appended (decoding);
@@ -640,8 +644,7 @@ def prefill(model, x, C, T):
     """Dense prefill of the context x[:, :C] into a cache with room for T more steps; returns the cache
     and the last hidden state."""
     cache = model.new_cache(x.size(0), C + T)
-    _, h = model(x[:, :C], cache)
-    return cache, h[:, -1]
+    return cache, model.hidden(x[:, :C], cache)[:, -1]
 
 
 @torch.no_grad()

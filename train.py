@@ -146,6 +146,8 @@ def parse_value(name, text, default):
 
 def parse_args(argv, cfgs):
     flags = {f.name: cfg for cfg in cfgs for f in fields(cfg) if f.name not in ("vocab_size", *ARCH)}
+    names = [f.name for cfg in cfgs for f in fields(cfg)]
+    assert len(names) == len(set(names)), "two configs share a field name: one flag would set both"
     if any(a in ("-h", "--help") for a in argv):
         for cfg in cfgs:
             print(f"{type(cfg).__name__}:")
@@ -215,8 +217,8 @@ def validate(tc, g, gcfg, acfg, pcfg):
         raise UsageError(f"--rollout_len={g.rollout_len} exceeds the policy's --max_steps={pcfg.max_steps}; raise --max_steps")
     if not (min(acfg.bits) >= 2 and 0 < min(acfg.keep) and 0 < min(acfg.prune)):
         raise UsageError("grid values must be positive and bits at least 2; see --keep, --prune, --bits")
-    if gcfg.n_embd % gcfg.n_head or pcfg.width % pcfg.n_head:
-        raise UsageError("--n_embd must be divisible by --n_head, and --width by the policy's n_head")
+    if gcfg.n_embd % gcfg.n_head or pcfg.width % pcfg.heads:
+        raise UsageError("--n_embd must be divisible by --n_head, and --width by --heads")
 
 # -----------------------------------------------------------------------------
 # data
@@ -600,7 +602,7 @@ def main(argv):
     if tc.resume:  # last, so nothing above draws from the restored generators
         set_rng_state(state["rng"], rng)
     lm_flops = sol.matmul_flops(model, C + T, gcfg.n_layer, gcfg.n_embd)
-    pol_flops = sol.matmul_flops(policy, T, pcfg.n_layer, pcfg.width)
+    pol_flops = sol.matmul_flops(policy, T, pcfg.depth, pcfg.width)
     print(f"LM {sum(p.numel() for p in model.parameters()):,} params | policy {sum(p.numel() for p in policy.parameters()):,} params "
           f"| {len(grid.tags)} actions | policy/LM FLOPs per decode step {pol_flops / lm_flops:.1%}")
     print(f"target: keep {fixed[0]} prune {fixed[1]} bits {None if fixed[2] is None else fixed[2] * 16:g}"
@@ -626,14 +628,14 @@ def main(argv):
             # a batch of training sequences, each with its own budget
             x = random_windows(splits["train"], g.batch_size, C + T + 1, rng)[rows].to(device)  # (B, C+T+1)
             target = sample_targets(g, fixed, g.batch_size, rng)[rows].to(device)  # (B, 3)
-            # prefill the context once, densely; the K rollouts of a sequence all read that one prefix cache
-            cache, h0 = sol.prefill(model, x, C, T)
-            cache_k = cache.fork(K, T)
-            # the dense reference over the controlled steps
-            dense = sol.rollout(model, cache, h0, x[:, C:], target, sol.dense_scheduler(grid), grid, acfg, keep_logprobs=g.task_w_kl > 0)
-            ref = dense["logprobs"].repeat_interleave(K, 0) if g.task_w_kl > 0 else None
-            # K counterfactual schedules per sequence: same tokens, compute sampled from the policy
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device):  # the frozen GPT's work: no gradients; bf16 on a GPU
+                # prefill the context once, densely; the K rollouts of a sequence all read that one prefix cache
+                cache, h0 = sol.prefill(model, x, C, T)
+                cache_k = cache.fork(K, T)
+                # the dense reference over the controlled steps
+                dense = sol.rollout(model, cache, h0, x[:, C:], target, sol.dense_scheduler(grid), grid, acfg, keep_logprobs=g.task_w_kl > 0)
+                ref = dense["logprobs"].repeat_interleave(K, 0) if g.task_w_kl > 0 else None
+                # K counterfactual schedules per sequence: same tokens, compute sampled from the policy
                 roll = sol.rollout(model, cache_k, h0.repeat_interleave(K, 0), x[:, C:].repeat_interleave(K, 0),
                                    target.repeat_interleave(K, 0), sol.policy_scheduler(policy, greedy=False, shard=(rank, world)), grid, acfg, ref)
             # step rewards, returns, budget penalty, group-relative advantage

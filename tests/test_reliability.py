@@ -358,7 +358,7 @@ def test_single_row_evaluation():
     torch.manual_seed(0)
     acfg, model = sol.ActionConfig(), sol.GPT(CFG).eval()
     grid = sol.action_grid(acfg)
-    policy = sol.Policy(sol.PolicyConfig(width=16, n_head=2), CFG.n_embd, len(grid.tags)).eval()
+    policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.tags)).eval()
     eps, target = torch.randint(0, CFG.vocab_size, (1, 40 + 4 + 1)), torch.full((3,), 0.5)
     for make in (lambda: sol.dense_scheduler(grid), lambda: sol.static_scheduler(acfg, [0.5, 0.5, 0.5]),
                  lambda: sol.policy_scheduler(policy, greedy=True), lambda: sol.policy_scheduler(policy, greedy=False)):

@@ -196,7 +196,7 @@ def test_fake_quant_error_and_identity():
 @torch.no_grad()
 def test_policy_step_matches_sequence_forward():
     torch.manual_seed(0)
-    pcfg = sol.PolicyConfig(width=32, n_head=4, n_layer=2)
+    pcfg = sol.PolicyConfig(width=32, heads=4, depth=2)
     policy = sol.Policy(pcfg, 24, 80).eval()
     N, T = 3, 7
     inputs = (torch.randn(N, T, 24), torch.randn(N, T, 24), torch.randn(N, T, 8), torch.randint(0, 81, (N, T)))
@@ -241,7 +241,7 @@ def test_rollout_dense_and_static_budgets(model):
         torch.testing.assert_close(static["achieved"].mean(0), torch.tensor(budget), atol=0.02, rtol=0)
         assert (static["logp"] <= dense["logp"].max() + 10).all() and torch.isfinite(static["logp"]).all()
     # the policy scheduler samples valid actions and records what it saw
-    policy = sol.Policy(sol.PolicyConfig(width=16, n_head=2), CFG.n_embd, len(grid.tags))
+    policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.tags))
     roll = run(sol.policy_scheduler(policy, greedy=False, generator=torch.Generator().manual_seed(0)))
     assert roll["action"].shape == (N, T) and roll["action"].max() < len(grid.tags)
     assert roll["scalars"].shape == (N, T, 8) and torch.equal(roll["prev_action"][:, 1:], roll["action"][:, :-1])
