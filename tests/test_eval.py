@@ -45,7 +45,9 @@ def test_every_method_at_every_budget_matched(sweep):
             off = [ax for ax in ("keep", "prune", "bits")
                    if abs(r["achieved"][ax] - sol_row["achieved"][ax]) > 0.02 * (16 if ax == "bits" else 1)]
             assert off == r["off_budget"], r  # a miss is flagged, and only a miss
-            if r["method"] in ("static", "random", "search"):  # these hit the budget by construction
+            # static and random hit the budget by construction; search replays one T-step plan for every episode,
+            # whose mean can come no closer than the grid's spacing allows in T = 4 steps
+            if r["method"] in ("static", "random"):
                 assert off == [], r
     for r in rows:  # the schema of train.py's eval.json, extended
         assert {"method", "target", "achieved", "nll", "ppl", "tokens"} <= set(r)
