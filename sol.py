@@ -333,16 +333,14 @@ class CausalSelfAttention(nn.Module):
             k0, v0 = cache.shared(layer)  # (B/K, H_kv, L0, hd) each, or None
         if self.n_kv_head != self.n_head:  # grouped-query attention: each key/value head serves H/H_kv query heads
             k, v, k0, v0 = (t if t is None else t.repeat_interleave(self.n_head // self.n_kv_head, 1) for t in (k, v, k0, v0))
-        if cache is not None:
+        realized = act is not None and self.realized and B == 1 and k0 is None and acfg.criterion == "recency" and act[0, 0] < 1
+        if cache is not None and not realized:
             pos = torch.arange(start + T, device=x.device)
             mask = pos[None, :] <= pos[start:, None]  # (T, L) causal, offset by the cached prefix
             if act is not None:
                 assert T == 1, "efficiency actions apply to single-token decode steps"
                 mask = mask & sparse_mask(q, k, act[:, 0], acfg, k0)
-        if act is not None and self.realized and B == 1 and k0 is None and acfg.criterion == "recency" and act[0, 0] < 1:
-            y = recent_attention(q, k, v, act[0, 0], acfg)
-        else:
-            y = attention(q, k, v, mask, self.fused, k0, v0)
+        y = recent_attention(q, k, v, act[0, 0], acfg) if realized else attention(q, k, v, mask, self.fused, k0, v0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
