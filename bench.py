@@ -110,7 +110,7 @@ def grpo_setup(gcfg, bc, device, K):
                                target.repeat_interleave(K, 0), sol.policy_scheduler(policy, greedy=False), grid, acfg)
         penalty = train.budget_penalty(roll["achieved"], target.repeat_interleave(K, 0), [True] * 3, g)
         A = train.advantages(train.returns(roll["logp"], g) - penalty[:, None], B, K, g)
-        logp, entropy, _ = train.policy_logprobs(policy, roll)
+        logp, entropy, _ = train.policy_logprobs(policy, roll, pcfg.temperature)
         loss = -(A * logp).mean() - g.ent_coef * entropy.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
