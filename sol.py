@@ -141,42 +141,45 @@ def page_bounds(keys, S):
     return (hi + lo) / 2, (hi - lo) / 2
 
 
+def page_scores(q, centre, radius):
+    """The largest q.k any key in a page's box can reach, sum_d max(q_d kmax_d, q_d kmin_d) = q.centre + |q|.radius."""
+    return q @ centre.transpose(-2, -1) + q.abs() @ radius.transpose(-2, -1)
+
+
+def middle_scores(q, k, acfg):
+    """What the criterion ranks the M middle keys by (those between the sinks and the window), for one query
+    q (N, H, 1, hd) at position L-1 over its keys k (N, H, L, hd): relevancy, their q.k (N, H, 1, M), or its
+    mean over the heads; quest, the upper bound of q.k over each page of S keys (N, H, 1, ceil(M/S))."""
+    Ts, M = acfg.sinks, k.size(2) - 1 - acfg.window - acfg.sinks
+    mid = k[:, :, Ts:Ts + M]
+    if acfg.criterion == "quest":
+        return page_scores(q, *page_bounds(mid, acfg.page_size))
+    score = q @ mid.transpose(-2, -1)
+    return score.mean(1, keepdim=True).expand_as(score) if acfg.criterion == "relevancy_layer" else score
+
+
 def sparse_mask(q, k, keep, acfg, k0=None):
-    """Keys kept by one query per row: q (N, H, 1, hd) at position L-1 over the keys k0 (shared prefix,
-    see qk) and k (N, H, L1, hd) -> (N, H, 1, L). Sinks and window are always kept; of the M keys
-    between them a fraction keep[r] is kept."""
-    N, H, L1, _ = k.shape
-    L0 = 0 if k0 is None else k0.size(2)
-    Ts, S, L = acfg.sinks, acfg.page_size, L0 + L1
+    """Keys kept by one query per row: q (N, H, 1, hd) at position L-1 over its keys k (N, H, L, hd)
+    -> (N, H, 1, L). Sinks and window are always kept; of the M keys between them a fraction keep[r] is
+    kept. With k0, the keys are the shared prefix k0 then k (the fast path, see middle_scores_shared)."""
+    N, H, L = k.size(0), k.size(1), k.size(2) + (0 if k0 is None else k0.size(2))
+    Ts, S = acfg.sinks, acfg.page_size
     M = L - 1 - acfg.window - Ts
     mask = torch.ones(N, H, 1, L, dtype=torch.bool, device=k.device)
     if M <= 1:
         return mask
     n = n_kept(keep, M)
-    if acfg.criterion == "recency":
-        keep_mid = (torch.arange(M, device=k.device) >= M - n.view(-1, 1, 1, 1)).expand(N, H, 1, M)
-    elif acfg.criterion in ("relevancy", "relevancy_layer"):
-        score = qk(q, k, k0)[..., Ts:Ts + M]  # (N, H, 1, M) attention logits
-        if acfg.criterion == "relevancy_layer":
-            score = score.mean(1, keepdim=True).expand(N, H, 1, M)
-        keep_mid = topn_mask(score, n)
-    elif acfg.criterion == "quest":
-        # a page's score is the largest q.k any key in its box can reach: q.centre + |q|.radius
-        F0 = 0 if k0 is None else max(0, min(L0, Ts + M) - Ts - 1) // S  # pages read from the shared prefix
-        a = Ts + F0 * S
-        rest = k[:, :, max(a - L0, 0):max(Ts + M - L0, 0)]  # the other pages' keys, per row
-        if a < L0:  # the prefix's last page (at most S keys) goes to every row
-            rest = torch.cat([k0[:, :, a:min(L0, Ts + M)].repeat_interleave(N // k0.size(0), 0), rest], 2)
-        c, r = page_bounds(rest, S)
-        score = q @ c.transpose(-2, -1) + q.abs() @ r.transpose(-2, -1)  # (N, H, 1, pages)
-        if F0:
-            c, r = page_bounds(k0[:, :, Ts:a], S)
-            B = k0.size(0)
-            score = torch.cat([unfold(fold(q, B) @ c.transpose(-2, -1) + fold(q.abs(), B) @ r.transpose(-2, -1), N // B), score], -1)
-        n_pages = torch.ceil(keep * M / S * (1 - 1e-6)).long().clamp(1, score.size(-1))
-        keep_mid = topn_mask(score, n_pages).repeat_interleave(S, -1)[..., :M]
-    else:
+    if acfg.criterion not in CRITERIA:
         raise ValueError(f"unknown attention criterion {acfg.criterion!r}; use one of {', '.join(CRITERIA)}")
+    if acfg.criterion == "recency":  # the n most recent middle keys
+        keep_mid = (torch.arange(M, device=k.device) >= M - n.view(-1, 1, 1, 1)).expand(N, H, 1, M)
+    else:
+        score = middle_scores(q, k, acfg) if k0 is None else middle_scores_shared(q, k0, k, acfg)
+        if acfg.criterion == "quest":  # whole pages: the top ceil(keep M / S) of them
+            n_pages = torch.ceil(keep * M / S * (1 - 1e-6)).long().clamp(1, score.size(-1))
+            keep_mid = topn_mask(score, n_pages).repeat_interleave(S, -1)[..., :M]
+        else:
+            keep_mid = topn_mask(score, n)
     mask[..., Ts:Ts + M] = keep_mid
     return mask
 
@@ -227,25 +230,6 @@ class KVCache:
         return self.parent.k[layer, :, :, :self.start], self.parent.v[layer, :, :, :self.start]
 
 
-def fold(x, B):
-    """(B*K, H, T, d) -> (B, H, K*T, d): the K rows that share a prefix become K*T queries of one row."""
-    return x.unflatten(0, (B, -1)).transpose(1, 2).flatten(2, 3)
-
-
-def unfold(y, K):
-    """(B, H, K*T, d) -> (B*K, H, T, d), the inverse of fold."""
-    return y.unflatten(2, (K, -1)).transpose(1, 2).flatten(0, 1)
-
-
-def qk(q, k, k0=None):
-    """q.k for q (N, H, T, hd) and every key: first the prefix k0 (B, H, L0, hd) shared by K = N/B rows
-    each (or None), then the row's own keys k (N, H, L1, hd) -> (N, H, T, L0+L1)."""
-    s = q @ k.transpose(-2, -1)
-    if k0 is None:
-        return s
-    return torch.cat([unfold(fold(q, k0.size(0)) @ k0.transpose(-2, -1), q.size(0) // k0.size(0)), s], -1)
-
-
 def rope_tables(T, head_dim, theta, scaling=None):
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
     if scaling:  # Llama-3: slow the low frequencies by `factor`, keep the high ones, blend in between
@@ -263,21 +247,16 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
 
 
-def attention(q, k, v, mask=None, fused=True, k0=None, v0=None):
+def attention(q, k, v, mask=None, fused=True):
     """Softmax attention of q (N, H, Tq, hd) over k, v (N, H, Tk, hd); mask is boolean (True = attend),
     broadcast to (N, H, Tq, Tk), None = plain causal. The fused path is one scaled_dot_product_attention
-    call with causality and sparsity in the same mask (no Triton, CPU or CUDA); the manual path is the same
-    math. With a shared prefix k0, v0 (see qk) the keys are k0 then k, and attention is always manual."""
-    if k0 is None and fused:
+    call with causality and sparsity in the same mask (no Triton, CPU or CUDA); the manual path is the same math."""
+    if fused:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    att = qk(q, k, k0) / math.sqrt(q.size(-1))
+    att = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
     if mask is None:
-        mask = torch.ones(q.size(-2), att.size(-1), dtype=torch.bool, device=q.device).tril(att.size(-1) - q.size(-2))
-    att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1)
-    if k0 is None:
-        return att @ v
-    p0, p1 = att.split([k0.size(2), k.size(2)], -1)
-    return unfold(fold(p0, k0.size(0)) @ v0, q.size(0) // k0.size(0)) + p1 @ v
+        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril(k.size(-2) - q.size(-2))
+    return F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1) @ v
 
 
 def recent_attention(q, k, v, keep, acfg):
@@ -290,6 +269,57 @@ def recent_attention(q, k, v, keep, acfg):
     att = torch.cat([q @ k[:, :, :Ts].transpose(-2, -1), q @ k[:, :, start:].transpose(-2, -1)], -1)
     p = F.softmax(att / math.sqrt(q.size(-1)), -1)  # (1, H, 1, Ts + L - start)
     return p[..., :Ts] @ v[:, :, :Ts] + p[..., Ts:] @ v[:, :, start:]
+
+
+# the fast path of the GRPO rollouts: the K rows forked from one sequence read its prefix cache in place.
+# Each function here is its plain twin above (sparse_mask's middle_scores, attention) over the keys k0 then k,
+# tested equal to it.
+
+
+def fold(x, B):
+    """(B*K, H, T, d) -> (B, H, K*T, d): the K rows that share a prefix become K*T queries of one row."""
+    return x.unflatten(0, (B, -1)).transpose(1, 2).flatten(2, 3)
+
+
+def unfold(y, K):
+    """(B, H, K*T, d) -> (B*K, H, T, d), the inverse of fold."""
+    return y.unflatten(2, (K, -1)).transpose(1, 2).flatten(0, 1)
+
+
+def qk_shared(q, k0, k):
+    """q.k for q (N, H, T, hd) and every key: first the prefix k0 (B, H, L0, hd) shared by the K = N/B rows of
+    each sequence, then the row's own keys k (N, H, L1, hd) -> (N, H, T, L0+L1)."""
+    return torch.cat([unfold(fold(q, k0.size(0)) @ k0.transpose(-2, -1), q.size(0) // k0.size(0)), q @ k.transpose(-2, -1)], -1)
+
+
+def attention_shared(q, k0, v0, k, v, mask):
+    """attention(q, keys k0 then k, values v0 then v, mask), where the prefix k0, v0 (B, H, L0, hd) is shared by
+    the K = N/B rows of each sequence and read in place: the fast path of the GRPO rollouts."""
+    att = qk_shared(q, k0, k) / math.sqrt(q.size(-1))
+    p0, p1 = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1).split([k0.size(2), k.size(2)], -1)
+    return unfold(fold(p0, k0.size(0)) @ v0, q.size(0) // k0.size(0)) + p1 @ v
+
+
+def middle_scores_shared(q, k0, k, acfg):
+    """middle_scores over the keys k0 then k (N, H, L1, hd), where the prefix k0 (B, H, L0, hd) is shared by
+    the K = N/B rows of each sequence: it is read once per sequence, never copied per row (the fast path of
+    the GRPO rollouts, see KVCache.fork)."""
+    B, K, L0 = k0.size(0), q.size(0) // k0.size(0), k0.size(2)
+    Ts, S, M = acfg.sinks, acfg.page_size, L0 + k.size(2) - 1 - acfg.window - acfg.sinks
+    if acfg.criterion != "quest":
+        score = qk_shared(q, k0, k)[..., Ts:Ts + M]
+        return score.mean(1, keepdim=True).expand_as(score) if acfg.criterion == "relevancy_layer" else score
+    # pages wholly in the prefix are bounded once per sequence; the page that holds the prefix's last key
+    # and the pages after it are bounded per row, from the row's own keys
+    F0 = max(0, min(L0, Ts + M) - Ts - 1) // S
+    a = Ts + F0 * S  # where the per-row pages begin
+    rest = k[:, :, max(a - L0, 0):max(Ts + M - L0, 0)]
+    if a < L0:
+        rest = torch.cat([k0[:, :, a:min(L0, Ts + M)].repeat_interleave(K, 0), rest], 2)
+    score = page_scores(q, *page_bounds(rest, S))
+    if F0:
+        score = torch.cat([unfold(page_scores(fold(q, B), *page_bounds(k0[:, :, Ts:a], S)), K), score], -1)
+    return score
 
 
 class RMSNorm(nn.Module):
@@ -340,7 +370,12 @@ class CausalSelfAttention(nn.Module):
             if act is not None:
                 assert T == 1, "efficiency actions apply to single-token decode steps"
                 mask = mask & sparse_mask(q, k, act[:, 0], acfg, k0)
-        y = recent_attention(q, k, v, act[0, 0], acfg) if realized else attention(q, k, v, mask, self.fused, k0, v0)
+        if realized:
+            y = recent_attention(q, k, v, act[0, 0], acfg)
+        elif k0 is None:
+            y = attention(q, k, v, mask, self.fused)
+        else:
+            y = attention_shared(q, k0, v0, k, v, mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 

@@ -260,7 +260,7 @@ def test_shared_prefix_gives_the_same_mask_and_attention(criterion):
             k, v = torch.cat([k0.repeat_interleave(K, 0), k1], 2), torch.cat([v0.repeat_interleave(K, 0), v1], 2)
             mask = sol.sparse_mask(q, k, keep, acfg)
             assert torch.equal(sol.sparse_mask(q, k1, keep, acfg, k0), mask), (L0, L1)
-            torch.testing.assert_close(sol.attention(q, k1, v1, mask, True, k0, v0), sol.attention(q, k, v, mask), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(sol.attention_shared(q, k0, v0, k1, v1, mask), sol.attention(q, k, v, mask), atol=1e-6, rtol=1e-5)
 
 
 @torch.no_grad()
