@@ -446,10 +446,18 @@ def test_generate_dense_is_plain_greedy_decoding():
         x.append(int(model(torch.tensor([x]))[0][0, -1].argmax()))
     assert new == x[len(ids):] and len(set(new)) > 1
     close(achieved, torch.ones(3))
-    # under a plan: the first three steps (5-7 past keys) run dense and stay out of the achieved budget
-    plan = torch.randint(0, 4, (n, 3), generator=torch.Generator().manual_seed(0))
-    _, achieved = ev.generate(model, ids, n, lambda: ev.plan_scheduler(acfg, plan), torch.full((3,), 0.5), grid, acfg)
-    close(achieved, grid.budget[ev.combine(acfg, plan)][3:].mean(0))
+    # under a plan: the first three steps (5-7 past keys) run dense and stay out of the achieved budget and the
+    # deviations the policy sees, as in the rollout
+    plan, target, seen = torch.randint(0, 4, (n, 3), generator=torch.Generator().manual_seed(0)), torch.tensor([0.5, 0.6, 0.7]), []
+
+    def make():
+        pick = ev.plan_scheduler(acfg, plan)
+        return lambda t, obs: seen.append(obs["scalars"][0]) or pick(t, obs)
+    _, achieved = ev.generate(model, ids, n, make, target, grid, acfg)
+    spent = grid.budget[ev.combine(acfg, plan)]  # (n, 3)
+    close(achieved, spent[3:].mean(0))
+    for t, scalars in enumerate(seen):
+        close(scalars, [t / n, float(t >= 3), *target, *(spent[3:t].mean(0) - target if t > 3 else torch.zeros(3))])
 
 
 @torch.no_grad()

@@ -247,7 +247,8 @@ def test_rollout_dense_and_static_budgets(model):
     # the policy scheduler samples valid actions and records what it saw
     policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.tags))
     roll = run(sol.policy_scheduler(policy, greedy=False, generator=torch.Generator().manual_seed(0)))
-    assert roll["action"].shape == (N, T) and roll["action"].unique().numel() > 10  # sampled: many actions
+    greedy = run(sol.policy_scheduler(policy, greedy=True))
+    assert roll["action"].shape == (N, T) and (roll["action"] != greedy["action"]).float().mean() > 0.5  # sampled, not the mode
     assert roll["prev_action"][:, 0].eq(len(grid.tags)).all()  # BOS before the first step
     assert roll["scalars"].shape == (N, T, 8) and torch.equal(roll["prev_action"][:, 1:], roll["action"][:, :-1])
 
