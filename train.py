@@ -402,6 +402,13 @@ def budget_penalty(achieved, target, enabled, g):
     return (cost * alpha.to(cost.device)).sum(-1)
 
 
+def penalized_returns(roll, target, enabled, g):
+    """The returns of a rollout's step rewards r_t = (1-w) log p_sparse - w KL(p_dense || p_sparse), less its
+    budget penalty at every step; roll holds "kl" only when w > 0. (N, T)"""
+    reward = (1 - g.task_w_kl) * roll["logp"] - (g.task_w_kl * roll["kl"] if "kl" in roll else 0)
+    return returns(reward, g) - budget_penalty(roll["achieved"], target, enabled, g)[:, None]
+
+
 def gather_rows(x):
     """Every process's x stacked in rank order: the whole batch's rows, under data parallelism; else x."""
     if not dist.is_initialized():
@@ -431,6 +438,16 @@ def policy_logprobs(policy, roll, temperature):
     logp_all = F.log_softmax(logits.float(), -1)
     return logp_all.gather(-1, roll["action"][..., None])[..., 0], -(logp_all.exp() * logp_all).sum(-1), logp_all
 
+
+def policy_loss(logp, old_logp, A, entropy, g, logp_all=None, ref_all=None):
+    """PPO's clipped surrogate against the sampling log-probs, minus the entropy bonus, plus KL(pi || pi_initial)
+    when the initial policy's log-probs ref_all are given. logp, old_logp, A, entropy (N, T); logp_all, ref_all (N, T, A)."""
+    ratio = (logp - old_logp).exp()
+    surrogate = torch.minimum(ratio * A, ratio.clamp(1 - g.clip_eps, 1 + g.clip_eps) * A)
+    loss = -surrogate.mean() - g.ent_coef * entropy.mean()
+    if ref_all is not None:
+        loss = loss + g.kl_coef * (logp_all.exp() * (logp_all - ref_all)).sum(-1).mean()
+    return loss
 
 # -----------------------------------------------------------------------------
 # evaluation: SOL, dense, and static at SOL's achieved budget, on the same held-out episodes
@@ -639,10 +656,7 @@ def main(argv):
                 roll = sol.rollout(model, cache_k, h0.repeat_interleave(K, 0), x[:, C:].repeat_interleave(K, 0),
                                    target.repeat_interleave(K, 0), sol.policy_scheduler(policy, greedy=False, shard=(rank, world)), grid, acfg, ref)
             # step rewards, returns, budget penalty, group-relative advantage
-            reward = (1 - g.task_w_kl) * roll["logp"] - (g.task_w_kl * roll["kl"] if ref is not None else 0)
-            penalty = budget_penalty(roll["achieved"], target.repeat_interleave(K, 0), enabled, g)
-            G = returns(reward, g) - penalty[:, None]
-            A = advantages(G, B, K, g)
+            A = advantages(penalized_returns(roll, target.repeat_interleave(K, 0), enabled, g), B, K, g)
             # PPO clipped surrogate against the sampling policy, entropy bonus, optional KL to the initial policy
             with torch.no_grad():
                 old_logp = policy_logprobs(policy, roll, pcfg.temperature)[0]
@@ -650,12 +664,8 @@ def main(argv):
                 if ddp:  # average the gradients across processes once, in the iteration's last backward (as nanoGPT)
                     trained.require_backward_grad_sync = micro == g.grad_accum - 1 and epoch == g.ppo_epochs - 1
                 logp, entropy, logp_all = policy_logprobs(trained, roll, pcfg.temperature)
-                ratio = (logp - old_logp).exp()
-                surrogate = torch.minimum(ratio * A, ratio.clamp(1 - g.clip_eps, 1 + g.clip_eps) * A)
-                loss = -surrogate.mean() - g.ent_coef * entropy.mean()
-                if ref_policy is not None:
-                    ref_all = policy_logprobs(ref_policy, roll, pcfg.temperature)[2]
-                    loss = loss + g.kl_coef * (logp_all.exp() * (logp_all - ref_all)).sum(-1).mean()
+                ref_all = policy_logprobs(ref_policy, roll, pcfg.temperature)[2] if ref_policy is not None else None
+                loss = policy_loss(logp, old_logp, A, entropy, g, logp_all, ref_all)
                 (loss / (g.grad_accum * g.ppo_epochs)).backward()  # a mean over rows: the processes' average is the batch's
         # a non-finite reward, advantage or loss makes every gradient non-finite: skip the update, never average it in
         if torch.isfinite(torch.nn.utils.clip_grad_norm_(policy.parameters(), g.grad_clip)):

@@ -202,8 +202,8 @@ def test_llama3_tokenizer_round_trips(tmp_path):
 
 def test_llama3_tokenizer_matches_transformers(tmp_path, monkeypatch):
     """transformers' own converter of Llama-3's tiktoken file (its pattern, its BPE) gives the same ids."""
-    from transformers.convert_slow_tokenizer import TikTokenConverter
     hf()
+    from transformers.convert_slow_tokenizer import TikTokenConverter
     path = tmp_path / "tokenizer.model"
     n = write_tokenizer(path)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # transformers reads the file through tiktoken's cache otherwise
