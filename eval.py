@@ -5,7 +5,7 @@ Evaluate a trained SOL policy against every baseline at the same achieved budget
     python eval.py --out_dir out --budgets 0.2,0.35,0.5,0.65,0.8  # a sweep, and a Pareto plot
     python eval.py --out_dir out --prompt "facts : color red ." --max_new_tokens 24
     python eval.py --out_dir out --mc path/to/mmlu.jsonl           # multiple choice, by log-likelihood
-    python eval.py --out_dir out --init_from path/to/gpt2          # a run trained on a checkpoint that has moved
+    python eval.py --out_dir out --init_from path/to/model.gguf    # a run trained on a checkpoint that has moved
 
 Methods, all on the same frozen GPT, test episodes and controllable steps:
   sol        the policy, greedy, its budget calibrated on the validation split
@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import pretrained
 import sol
 from sol import decode, prefill
-from train import UsageError, axes, calibrate, checkpoint_digest, episodes, load_checkpoint, load_dataset, parse_args
+from train import UsageError, axes, calibrate, episodes, load_checkpoint, load_dataset, parse_args
 
 
 @dataclass
@@ -34,7 +35,7 @@ class EvalConfig:
     out_dir: str = "out"  # where train.py left ckpt.pt
     budgets: str = ""  # comma list of budgets for every enabled axis; empty = the policy's training target
     dataset: str = ""  # empty = the dataset the policy was trained on
-    init_from: str = ""  # the pretrained checkpoint folder of a run trained with --init_from; empty = where it was then
+    init_from: str = ""  # the checkpoint (folder or GGUF) of a run trained with --init_from; empty = where it was then
     dtype: str = "float32"  # of the frozen GPT: float32 | bfloat16 | float16
     seed: int = 1337
     eval_episodes: int = 256  # test episodes per method
@@ -193,6 +194,12 @@ def generate(model, ids, n, make_scheduler, target, grid, acfg):
     return out, spent / max(n_eff, 1)
 
 
+def tokenizer(init, data_dir):
+    """The tokenizer of the evaluation data: the checkpoint's own, else the one data_dir's meta.json names."""
+    from data.text import load_tokenizer
+    return (pretrained.encoding(init) if init else None) or load_tokenizer(data_dir)
+
+
 def pareto_plot(rows, path):
     """ppl against the mean achieved budget, one curve per method: a PNG, or ASCII without matplotlib."""
     methods = sorted({r["method"] for r in rows} - {"dense"})
@@ -250,10 +257,10 @@ def main(argv):
     init = None
     if cfg.get("base_sha1"):  # trained on a pretrained checkpoint (runs from before --init_from lack the key)
         init = Path(ec.init_from or cfg["base"]).expanduser()
-        if not (init / "config.json").is_file() or checkpoint_digest(init) != cfg["base_sha1"]:
+        if not init.exists() or pretrained.digest(init) != cfg["base_sha1"]:
             raise UsageError(f"{init} is not the checkpoint {out_dir} was trained on ({cfg['base']}, sha1 {cfg['base_sha1'][:10]}); "
                              "pass that one with --init_from")
-        model = sol.GPT.from_pretrained(init, getattr(torch, ec.dtype))
+        model = pretrained.load(init, getattr(torch, ec.dtype))
     elif ec.init_from:
         raise UsageError(f"{out_dir} was trained on its own base GPT, not a checkpoint; drop --init_from")
     else:
@@ -297,8 +304,7 @@ def main(argv):
         return [max(x, m) if on else None for on, m in zip(enabled, mins)]
 
     if ec.prompt:  # side-by-side generation
-        from data.text import load_tokenizer
-        enc = load_tokenizer(data_dir)
+        enc = tokenizer(init, data_dir)
         ids = enc.encode_ordinary(ec.prompt)
         if not ids or len(ids) + ec.max_new_tokens > gcfg.block_size:
             raise UsageError(f"prompt plus --max_new_tokens must be 1..{gcfg.block_size} tokens (got {len(ids)} + {ec.max_new_tokens})")
@@ -359,8 +365,7 @@ def main(argv):
     b0 = budgets[len(budgets) // 2]
     acts = details[b0]["sol_actions"]  # (E, T)
     compute = grid.budget[acts].mean(-1)  # (E, T) mean budget fraction of the step's action
-    from data.text import load_tokenizer
-    enc = load_tokenizer(data_dir)
+    enc = tokenizer(init, data_dir)
     print(f"\nwhere the compute went ({'trained target' if b0 is None else f'budget {b0}'}; darker = more): "
           "each token shaded by the compute of the step that predicted it")
     toks = test[:6, C + 1:]  # the controlled tokens of the first six test episodes, one per line

@@ -4,6 +4,7 @@ Train a SOL policy with GRPO on teacher-forced episodes, on top of a frozen GPT.
     python train.py --target_budget 0.5
     python train.py --dataset shakespeare --target_budget 0.3 --rollouts 8
     python train.py --init_from path/to/Llama-3.2-1B --dataset mytext.txt --dtype bfloat16
+    python train.py --init_from path/to/SmolLM2-135M-Instruct.Q4_1.gguf --dataset mytext.txt
     python train.py --help
 
 1. prepare the dataset if its token files are missing;
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import pretrained
 import sol
 from sol import ActionConfig, GPTConfig, PolicyConfig
 
@@ -45,7 +47,7 @@ ROOT = Path(__file__).resolve().parent
 @dataclass
 class TrainConfig:
     dataset: str = "synth"  # synth | shakespeare | path/to/file.txt
-    init_from: str = ""  # a Hugging Face-style llama or gpt2 checkpoint folder: its model and tokenizer, no pretraining
+    init_from: str = ""  # a llama or gpt2 checkpoint folder, or a llama GGUF file: its model and tokenizer, no pretraining
     dtype: str = "float32"  # of the frozen GPT: float32 | bfloat16 | float16
     out_dir: str = "out"
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -230,18 +232,9 @@ def gpt_config(gcfg):
     return {k: v for k, v in asdict(gcfg).items() if k not in ARCH or v != getattr(GPTConfig, k)}
 
 
-def checkpoint_digest(path):
-    """sha1 of a checkpoint folder's config.json and weight files: which checkpoint a run was trained on."""
-    h = hashlib.sha1()
-    for f in sorted(f for f in Path(path).iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".bin")):
-        with open(f, "rb") as fh:
-            h.update(f.name.encode() + hashlib.file_digest(fh, "sha1").digest())
-    return h.hexdigest()
-
-
 def load_dataset(name, checkpoint=None):
     """Token splits of a dataset, prepared on first use: returns (data_dir, meta, {split: token memmap}). A text file
-    is tokenized with the checkpoint folder's tokenizer if given, else with GPT-2's BPE."""
+    is tokenized with the checkpoint's tokenizer if given (a folder or GGUF file), else with GPT-2's BPE."""
     text = name.endswith(".txt") or os.path.sep in name
     if checkpoint is not None and not text:
         raise UsageError(f"--init_from needs a text dataset (--dataset=path/to/file.txt) to tokenize with the checkpoint's "
@@ -258,16 +251,18 @@ def load_dataset(name, checkpoint=None):
         if not (data_dir / "meta.json").exists():
             prepare(data_dir)
     elif text:
-        from data.text import prepare_text, tokenizer_file
+        from data.text import prepare_text
         path = Path(name).expanduser()
         if not path.is_file():
             raise UsageError(f"dataset file {name} does not exist; pass an existing .txt file, or --dataset=synth")
         digest = hashlib.sha1(path.read_bytes()).hexdigest()[:10]
-        tokenizer = None if checkpoint is None else tokenizer_file(checkpoint)  # None: GPT-2's BPE
-        data_dir = ROOT / "data" / "cache" / (f"{path.stem}-{digest}" if tokenizer is None else
-                                              f"{path.stem}-{digest}-llama3-{hashlib.sha1(tokenizer.read_bytes()).hexdigest()[:8]}")
+        tokenizer = None if checkpoint is None else pretrained.tokenizer_file(checkpoint)  # None: GPT-2's BPE
+        if tokenizer is not None:  # the cache is keyed by the tokenizer's file too: another tokenizer, other tokens
+            with open(tokenizer, "rb") as fh:
+                digest += "-tok" + hashlib.file_digest(fh, "sha1").hexdigest()[:8]
+        data_dir = ROOT / "data" / "cache" / f"{path.stem}-{digest}"
         if not (data_dir / "meta.json").exists():
-            prepare_text(path, data_dir, tokenizer)
+            prepare_text(path, data_dir, None if tokenizer is None else pretrained.encoding(checkpoint))
     else:
         raise UsageError(f"unknown dataset {name!r}; use synth, shakespeare, or a path to a .txt file")
     meta = json.loads((data_dir / "meta.json").read_text())
@@ -526,20 +521,22 @@ def main(argv):
         flags = [f.name for f in fields(gcfg) if getattr(gcfg, f.name) != getattr(GPTConfig, f.name)]
         if flags:
             raise UsageError(f"--init_from takes the model config from the checkpoint; drop --{', --'.join(flags)}")
-        gcfg = sol.hf_config(init)
+        gcfg = pretrained.config(init)
     if ddp and not master:
         dist.barrier()  # rank 0 prepares the data and pretrains the base GPT first; the others then read them
     data_dir, meta, splits = load_dataset(tc.dataset, init)
     if init is None:
         gcfg.vocab_size = meta["vocab_size"]
     elif max(int(d.max()) for d in splits.values()) >= gcfg.vocab_size:
-        raise UsageError(f"{tc.dataset} was tokenized beyond the checkpoint's {gcfg.vocab_size} tokens; its tokenizer does not match the model")
+        raise UsageError(f"{tc.dataset} was tokenized beyond the checkpoint's {gcfg.vocab_size} tokens: its tokenizer does not "
+                         "match the model, or the text holds bytes the tokenizer lacks (e.g. control characters); remove them")
     validate(tc, g, gcfg, acfg, pcfg)
     C, T = g.context_len, g.rollout_len
+    need = C + T + 1 if init else max(C + T + 1, gcfg.block_size + 1)  # a pretraining window only if we pretrain
     for split, data in splits.items():
-        if len(data) < max(C + T + 1, gcfg.block_size + 1):
-            raise UsageError(f"the {split} split of {tc.dataset} has {len(data)} tokens, fewer than one episode or "
-                             f"pretraining window ({max(C + T + 1, gcfg.block_size + 1)}); use a longer text or a smaller --context_len/--block_size")
+        if len(data) < need:
+            raise UsageError(f"the {split} split of {tc.dataset} has {len(data)} tokens, fewer than one episode"
+                             f"{'' if init else ' or pretraining window'} ({need}); use a longer text or a smaller --context_len/--block_size")
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
     print(f"seed {tc.seed} | dataset {tc.dataset} ({', '.join(f'{s} {len(d):,}' for s, d in splits.items())} tokens) | device {device}")
@@ -547,9 +544,9 @@ def main(argv):
     # 1. the base GPT: a pretrained checkpoint, or pretrained here once per dataset and model config; then frozen
     key = json.dumps([gpt_config(gcfg), meta, tc.pretrain_iters, tc.pretrain_batch, tc.pretrain_lr, tc.seed], sort_keys=True)
     base_path = init or data_dir / f"base-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
-    base_sha1 = checkpoint_digest(init) if init else None
+    base_sha1 = pretrained.digest(init) if init else None
     t0 = time.time()
-    model = sol.GPT.from_pretrained(init, getattr(torch, tc.dtype), device) if init else sol.GPT(gcfg).to(device)
+    model = pretrained.load(init, getattr(torch, tc.dtype), device) if init else sol.GPT(gcfg).to(device)
     partial = Path(f"{base_path}.partial")
     STOP["defer"] = True
     if init:
