@@ -104,7 +104,7 @@ def grpo_setup(gcfg, bc, device, K):
         target = torch.tensor([fixed]).expand(B, 3).to(device)
         cache, h0 = sol.prefill(model, x, C, T)
         shared = cache.fork(K, T)  # before the dense reference appends its T steps to the prefix cache
-        dense = sol.rollout(model, cache, h0, x[:, C:], target, sol.dense_scheduler(grid), grid, acfg)
+        dense = model(x[:, C:C + T], cache)[0]  # the dense reference, all T teacher-forced steps at once
         with torch.no_grad():
             roll = sol.rollout(model, shared, h0.repeat_interleave(K, 0), x[:, C:].repeat_interleave(K, 0),
                                target.repeat_interleave(K, 0), sol.policy_scheduler(policy, greedy=False), grid, acfg)

@@ -114,7 +114,7 @@ def heuristic_scheduler(acfg, thresholds):
     return pick
 
 
-def fit_heuristic(model, val, budget, grid, acfg, C, batch, steps=10):
+def fit_heuristic(model, val, budget, grid, acfg, C, batch, prefilled, steps=10):
     """Entropy thresholds that hit the budget, by bisection per axis on the validation episodes (a higher
     threshold means fewer dense steps); two rounds, as the axes change the entropies a little."""
     th = [0.0, 0.0, 0.0]
@@ -123,7 +123,7 @@ def fit_heuristic(model, val, budget, grid, acfg, C, batch, steps=10):
             lo, hi = 0.0, 20.0
             for _ in range(steps):
                 th[axis] = (lo + hi) / 2
-                spent = decode(model, val, torch.ones(3), lambda: heuristic_scheduler(acfg, th), grid, acfg, C, batch)[1]
+                spent = decode(model, val, torch.ones(3), lambda: heuristic_scheduler(acfg, th), grid, acfg, C, batch, prefilled)[1]
                 lo, hi = (th[axis], hi) if spent[axis] > budget[axis] else (lo, th[axis])
             th[axis] = (lo + hi) / 2
     return th
@@ -324,27 +324,28 @@ def main(argv):
     val = episodes(splits["val"], ec.val_episodes, C + T + 1)
     test = episodes(splits["test"], ec.eval_episodes, C + T + 1)
     gen = torch.Generator().manual_seed(ec.seed)
-    run = lambda eps, target, make: decode(model, eps, target, make, grid, acfg, C, ec.eval_batch)
-    dense_nll, _, _ = run(test, torch.ones(3), lambda: sol.dense_scheduler(grid))
+    pre = {"val": sol.prefill_batches(model, val, C, ec.eval_batch), "test": sol.prefill_batches(model, test, C, ec.eval_batch)}
+    run = lambda split, target, make: decode(model, val if split == "val" else test, target, make, grid, acfg, C, ec.eval_batch, pre[split])
+    dense_nll, _, _ = run("test", torch.ones(3), lambda: sol.dense_scheduler(grid))
     rows, details = [], {}
     for b in budgets:
         fixed = trained if b is None else fixed_for(b)
         target = torch.tensor([1.0 if v is None else v for v in fixed])
-        lam = calibrate(model, policy, val, fixed, grid, acfg, C, ec.eval_batch)
+        lam = calibrate(model, policy, val, fixed, grid, acfg, C, ec.eval_batch, prefilled=pre["val"])
         bias = grid.budget @ lam
-        res = {"sol": run(test, target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias))}
+        res = {"sol": run("test", target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias))}
         ach = res["sol"][1].tolist()  # every baseline spends what SOL spent
         res["dense"] = (dense_nll, torch.ones(3), None)
-        res["static"] = run(test, target, lambda: sol.static_scheduler(acfg, ach))
-        res["random"] = run(test, target, lambda: plan_scheduler(acfg, lambda n: mix_plan(acfg, ach, n, T, gen)))
+        res["static"] = run("test", target, lambda: sol.static_scheduler(acfg, ach))
+        res["random"] = run("test", target, lambda: plan_scheduler(acfg, lambda n: mix_plan(acfg, ach, n, T, gen)))
         # candidates: half reorderings of static's values (local), half drawn from the whole grid (broad)
         cands = torch.cat([mix_plan(acfg, ach, ec.search_schedules // 2, T, gen),
                            search_candidates(acfg, ach, ec.search_schedules - ec.search_schedules // 2, T, gen)])
-        val_nll = torch.stack([run(val, target, lambda: plan_scheduler(acfg, c))[0].mean() for c in cands])
+        val_nll = torch.stack([run("val", target, lambda: plan_scheduler(acfg, c))[0].mean() for c in cands])
         best = int(val_nll.argmin())
-        res["search"] = run(test, target, lambda: plan_scheduler(acfg, cands[best]))
-        th = fit_heuristic(model, val, ach, grid, acfg, C, ec.eval_batch)
-        res["heuristic"] = run(test, target, lambda: heuristic_scheduler(acfg, th))
+        res["search"] = run("test", target, lambda: plan_scheduler(acfg, cands[best]))
+        th = fit_heuristic(model, val, ach, grid, acfg, C, ec.eval_batch, pre["val"])
+        res["heuristic"] = run("test", target, lambda: heuristic_scheduler(acfg, th))
         details[b] = {"sol_actions": res["sol"][2], "search": {"val_nll": val_nll.tolist(), "best": best}}
         label = "trained target" if b is None else f"budget {b}"
         print(f"\n{label}: target keep {fixed[0]} prune {fixed[1]} bits {None if fixed[2] is None else fixed[2] * 16:g}"
@@ -388,7 +389,7 @@ def main(argv):
     if items:
         fixed = trained if b0 is None else fixed_for(b0)
         target = torch.tensor([1.0 if v is None else v for v in fixed])
-        lam = calibrate(model, policy, val, fixed, grid, acfg, C, ec.eval_batch)
+        lam = calibrate(model, policy, val, fixed, grid, acfg, C, ec.eval_batch, prefilled=pre["val"])
         bias = grid.budget @ lam
         mc_report = {}
         for m, make in (("sol", lambda: sol.policy_scheduler(policy, greedy=True, bias=bias)),

@@ -436,20 +436,21 @@ def axes(v):
     return {name: None if x is None else float(x) * scale for name, x, scale in zip(("keep", "prune", "bits"), v, (1, 1, 16))}
 
 
-def calibrate(model, policy, eps, fixed, grid, acfg, C, batch, steps=8):
+def calibrate(model, policy, eps, fixed, grid, acfg, C, batch, steps=8, prefilled=None):
     """Greedy decoding takes the policy's mode, which can sit off the requested budget: an axis that costs no
     quality gets its cheapest value even when the sampled schedules average to the target. A Lagrange
     multiplier per axis, lam, adds lam . budget(a) to the logits; bisect each on the validation episodes until
     the greedy schedule's achieved budget meets the target. Only the budget is calibrated, never quality."""
     target = torch.tensor([1.0 if v is None else v for v in fixed], device=eps.device)
     lam = torch.zeros(3, device=eps.device)
+    prefilled = prefilled or sol.prefill_batches(model, eps, C, batch)  # one prefill for all the bisection's decodes
     for _ in range(2):  # the axes interact a little: two rounds of coordinate bisection
         for axis in (i for i in range(3) if fixed[i] is not None):
             lo, hi = -20.0, 20.0
             for _ in range(steps):
                 lam[axis] = (lo + hi) / 2
                 scheduler = lambda: sol.policy_scheduler(policy, greedy=True, bias=grid.budget.to(lam.device) @ lam)
-                achieved = sol.decode(model, eps, target, scheduler, grid, acfg, C, batch)[1]
+                achieved = sol.decode(model, eps, target, scheduler, grid, acfg, C, batch, prefilled)[1]
                 lo, hi = (lam[axis].item(), hi) if achieved[axis] < target[axis] else (lo, lam[axis].item())
             lam[axis] = (lo + hi) / 2
     return lam
@@ -459,12 +460,13 @@ def evaluate(model, policy, eps, fixed, grid, acfg, C, batch, lam):
     """SOL (greedy, budget-calibrated), dense, and static at SOL's achieved budget, on the same episodes."""
     target = torch.tensor([1.0 if v is None else v for v in fixed], device=eps.device)
     bias = grid.budget.to(eps.device) @ lam
-    nll, achieved, _ = sol.decode(model, eps, target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias), grid, acfg, C, batch)
+    pre = sol.prefill_batches(model, eps, C, batch)
+    nll, achieved, _ = sol.decode(model, eps, target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias), grid, acfg, C, batch, pre)
     rows = [("sol", fixed, nll, achieved)]
-    nll, dense, _ = sol.decode(model, eps, target, lambda: sol.dense_scheduler(grid), grid, acfg, C, batch)
+    nll, dense, _ = sol.decode(model, eps, target, lambda: sol.dense_scheduler(grid), grid, acfg, C, batch, pre)
     rows.append(("dense", [1.0, 1.0, 1.0], nll, dense))
     matched = achieved.tolist()
-    nll, static, _ = sol.decode(model, eps, target, lambda: sol.static_scheduler(acfg, matched), grid, acfg, C, batch)
+    nll, static, _ = sol.decode(model, eps, target, lambda: sol.static_scheduler(acfg, matched), grid, acfg, C, batch, pre)
     rows.append(("static", matched, nll, static))
     T = eps.size(1) - C - 1
     return [{"method": m, "target": axes(t), "achieved": axes(a.tolist()), "nll": n.mean().item(),
@@ -629,9 +631,10 @@ def main(argv):
                 # prefill the context once, densely; the K rollouts of a sequence all read that one prefix cache
                 cache, h0 = sol.prefill(model, x, C, T)
                 cache_k = cache.fork(K, T)
-                # the dense reference over the controlled steps
-                dense = sol.rollout(model, cache, h0, x[:, C:], target, sol.dense_scheduler(grid), grid, acfg, keep_logprobs=g.task_w_kl > 0)
-                ref = dense["logprobs"].repeat_interleave(K, 0) if g.task_w_kl > 0 else None
+                # the dense reference over the controlled steps: teacher-forced, so all T steps in one forward
+                dense = F.log_softmax(model(x[:, C:C + T], cache)[0].float(), -1)  # (B, T, V)
+                dense_logp = dense.gather(-1, x[:, C + 1:, None])[..., 0]  # (B, T)
+                ref = dense.repeat_interleave(K, 0) if g.task_w_kl > 0 else None
                 # K counterfactual schedules per sequence: same tokens, compute sampled from the policy
                 roll = sol.rollout(model, cache_k, h0.repeat_interleave(K, 0), x[:, C:].repeat_interleave(K, 0),
                                    target.repeat_interleave(K, 0), sol.policy_scheduler(policy, greedy=False, shard=(rank, world)), grid, acfg, ref)
@@ -661,7 +664,7 @@ def main(argv):
             skipped += 1
             tqdm.write(f"warning: iteration {it + 1}: non-finite reward, advantage or loss; update skipped ({skipped} so far)")
         ach = roll["achieved"].mean(0)
-        pbar.set_postfix(reward=f"{roll['logp'].mean():.3f}", dense=f"{dense['logp'].mean():.3f}",
+        pbar.set_postfix(reward=f"{roll['logp'].mean():.3f}", dense=f"{dense_logp.mean():.3f}",
                          keep=f"{ach[0]:.2f}", prune=f"{ach[1]:.2f}", bits=f"{ach[2] * 16:.1f}",
                          gap=f"{(roll['achieved'] - target.repeat_interleave(K, 0)).abs().mean():.3f}", skipped=skipped)
         if ddp:  # a signal reaches the processes at different moments: all stop after the same iteration
