@@ -12,6 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 import torch
 
@@ -147,7 +148,7 @@ def gguf_reader(path):
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # a truncated or corrupt file fails in many ways inside the reader
-        raise ValueError(f"cannot read {path} as a GGUF file ({type(e).__name__}: {str(e)[:80]}); is it whole?") from None
+        raise ValueError(f"cannot read {path} as a GGUF file ({type(e).__name__}: {str(e)[:80]}); is the file whole?") from None
 
 
 def field(reader, key, default=None):
@@ -197,7 +198,7 @@ def read_gguf_tensors(reader, cfg, path, dtype):
         if base not in GGUF_NAMES:
             raise ValueError(f"{path} holds {t.name}, which is no part of a llama model")
         try:
-            w = torch.from_numpy(dequantize(t.data, t.tensor_type)).to(dtype)
+            w = torch.from_numpy(np.require(dequantize(t.data, t.tensor_type), requirements="W")).to(dtype)  # F32: a copy off the read-only map
         except NotImplementedError:
             raise ValueError(f"{path}: tensor {t.name} is of type {t.tensor_type.name}, which the gguf package cannot dequantize") from None
         except (ValueError, IndexError) as e:  # a tensor that runs past the end of a truncated file
