@@ -203,3 +203,13 @@ def test_bad_files_one_line(tiny, tmp_path):
     sp.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match="not a byte-level BPE"):
         pretrained.json_encoding(tmp_path / "tokenizer.json")
+
+
+def test_bench_on_a_gguf_architecture(tiny):
+    p = run("bench.py", "--json", "--reps=1", "--context_len=32", "--rollout_len=4", "--batch_size=2", "--decode_context=64",
+            f"--init_from={tiny}", "--dtype=bfloat16")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout)["results"]
+    assert set(r) == {"default", "tiny"} and "mfu" in r["default"] and "mfu" not in r["tiny"]
+    assert r["tiny"]["config"]["n_kv_head"] == 2 and r["tiny"]["grpo"]["K=16"]["episodes_per_s"] > 0
+    assert all(t > 0 for part in r["tiny"]["decode_s"].values() for t in part.values())
