@@ -5,6 +5,9 @@ runs after a warm-up; nothing here is asserted by the tests.
     python bench.py                 # the default GPT config
     python bench.py --large         # and a larger one
     python bench.py --json          # one JSON object instead of the table
+    python bench.py --init_from path/to/model.gguf --dtype bfloat16 --context_len 128 --rollout_len 8 --batch_size 4
+                                    # and a pretrained model's architecture (random weights: the timings do not
+                                    # depend on them), without the pretraining figure
 
 1. pretraining tokens/s and model FLOPs utilization against a measured matmul peak;
 2. one GRPO step (prefill, dense reference, K sampled rollouts, policy update): episodes/s and peak memory
@@ -22,9 +25,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
+from pathlib import Path
 
 import torch
 
+import pretrained
 import sol
 import train
 from sol import ActionConfig, GPTConfig, PolicyConfig
@@ -41,6 +46,8 @@ class BenchConfig:
     context_len: int = 512  # GRPO prefix C
     rollout_len: int = 16  # GRPO controlled steps T
     decode_context: int = 4096  # keys in the cache for the decode latencies
+    init_from: str = ""  # also a checkpoint folder's or GGUF file's architecture
+    dtype: str = "float32"  # of the GPT: float32 | bfloat16 (the policy stays float32, as in train.py)
 
 
 LARGE = dict(n_layer=4, n_head=8, n_embd=512, mlp_hidden=1408)
@@ -93,7 +100,7 @@ def grpo_setup(gcfg, bc, device, K):
     torch.manual_seed(bc.seed)
     acfg, pcfg, g = ActionConfig(), PolicyConfig(), train.GRPOConfig(rollouts=K, batch_size=bc.batch_size)
     grid, fixed = sol.action_grid(acfg), train.targets(g, acfg)
-    model = sol.GPT(gcfg).to(device).eval().requires_grad_(False)
+    model = sol.GPT(gcfg).to(device, getattr(torch, bc.dtype)).eval().requires_grad_(False)
     policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.tags)).to(device)
     opt = torch.optim.AdamW(policy.parameters(), lr=g.lr)
     B, C, T = bc.batch_size, bc.context_len, bc.rollout_len
@@ -104,7 +111,7 @@ def grpo_setup(gcfg, bc, device, K):
         target = torch.tensor([fixed]).expand(B, 3).to(device)
         cache, h0 = sol.prefill(model, x, C, T)
         shared = cache.fork(K, T)  # before the dense reference appends its T steps to the prefix cache
-        dense = sol.rollout(model, cache, h0, x[:, C:], target, sol.dense_scheduler(grid), grid, acfg)
+        dense = model(x[:, C:C + T], cache)[0]  # the dense reference, all T teacher-forced steps at once
         with torch.no_grad():
             roll = sol.rollout(model, shared, h0.repeat_interleave(K, 0), x[:, C:].repeat_interleave(K, 0),
                                target.repeat_interleave(K, 0), sol.policy_scheduler(policy, greedy=False), grid, acfg)
@@ -148,7 +155,7 @@ def decode_latency(gcfg, bc, device):
     acfg = ActionConfig()
     L = bc.decode_context
     gcfg = replace(gcfg, block_size=L + 1)
-    model = sol.GPT(gcfg).to(device).eval()
+    model = sol.GPT(gcfg).to(device, getattr(torch, bc.dtype)).eval()
     x = torch.randint(0, gcfg.vocab_size, (1, L + 1), device=device)
     cache = model.new_cache(1, L + 1)
     cache.k.normal_()  # a full cache of random keys and values: the timings do not depend on their values
@@ -167,24 +174,26 @@ def decode_latency(gcfg, bc, device):
         for name, a in actions.items():
             out["step"][name] = timeit(lambda: model_step(a), bc.reps, device)
         hd = gcfg.n_embd // gcfg.n_head
-        q, k, v = (torch.randn(1, gcfg.n_head, n, hd, device=device) for n in (1, L + 1, L + 1))
+        q, k, v = (torch.randn(1, gcfg.n_head, n, hd, device=device, dtype=getattr(torch, bc.dtype)) for n in (1, L + 1, L + 1))
         out["attention"]["dense"] = timeit(lambda: sol.attention(q, k, v, torch.ones(1, L + 1, dtype=torch.bool, device=device)), bc.reps, device)
         for keep in acfg.keep[:-1]:  # realized: recent_attention reads the kept keys only
             out["attention"][f"keep {keep:g}"] = timeit(lambda: sol.recent_attention(q, k, v, torch.tensor(keep), acfg), bc.reps, device)
         for keep in (0.25,):  # the masked path, as the GRPO rollouts run it: every key is read
             masked = lambda: sol.attention(q, k, v, sol.sparse_mask(q, k, torch.tensor([keep], device=device), acfg))
             out["attention"][f"masked keep {keep:g}"] = timeit(masked, bc.reps, device)
-        mlp, h = model.blocks[0].mlp, torch.randn(1, 1, gcfg.n_embd, device=device)
+        mlp, h = model.blocks[0].mlp, torch.randn(1, 1, gcfg.n_embd, device=device, dtype=getattr(torch, bc.dtype))
         out["mlp"]["dense"] = timeit(lambda: mlp(h), bc.reps, device)
         for prune in acfg.prune:
             out["mlp"][f"prune {prune:g}"] = timeit(lambda: mlp(h, act(prune=prune)), bc.reps, device)
     return out
 
 
-def bench(name, gcfg, bc, device, peak):
+def bench(name, gcfg, bc, device, peak, pretrain=True):
     print(f"[{name}] {gcfg}", file=sys.stderr)
-    tok_s, flops_per_token = pretrain_speed(gcfg, bc, device)
-    r = {"config": asdict(gcfg), "pretrain_tokens_per_s": tok_s, "mfu": tok_s * flops_per_token / peak, "grpo": {}}
+    r = {"config": asdict(gcfg), "grpo": {}}
+    if pretrain:  # a pretrained checkpoint is not pretrained here
+        tok_s, flops_per_token = pretrain_speed(gcfg, bc, device)
+        r |= {"pretrain_tokens_per_s": tok_s, "mfu": tok_s * flops_per_token / peak}
     C, T = bc.context_len, bc.rollout_len
     gcfg_grpo = replace(gcfg, block_size=C + T)
     for K in (1, 16):
@@ -213,7 +222,8 @@ def report(results, machine):
     for name, r in results.items():
         c = r["config"]
         print(f"\n[{name}] n_layer {c['n_layer']}, n_head {c['n_head']}, n_embd {c['n_embd']}, mlp_hidden {c['mlp_hidden']}")
-        print(f"pretraining: {r['pretrain_tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.1%}")
+        if "mfu" in r:
+            print(f"pretraining: {r['pretrain_tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.1%}")
         g1, g16 = r["grpo"]["K=1"], r["grpo"]["K=16"]
         print(f"grpo step: K=1 {g1['episodes_per_s']:.1f} episodes/s, peak {g1['peak_memory_mb']:.1f} MB | "
               f"K=16 {g16['episodes_per_s']:.1f} episodes/s, peak {g16['peak_memory_mb']:.1f} MB "
@@ -237,6 +247,8 @@ def main(argv):
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # CPU: large tensors leave the resident set when freed, not cached
     bc = BenchConfig()
     train.parse_args(argv, (bc,))
+    if bc.dtype not in ("float32", "bfloat16"):
+        raise train.UsageError(f"--dtype={bc.dtype} is not one of float32, bfloat16")
     device = bc.device if bc.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(bc.seed)
     machine = {**asdict(bc), "cpu": cpu_name(), "threads": torch.get_num_threads(),
@@ -246,6 +258,9 @@ def main(argv):
     if bc.large:
         configs["large"] = GPTConfig(vocab_size=640, **LARGE)
     results = {name: bench(name, gcfg, bc, device, machine["matmul_gflops"] * 1e9) for name, gcfg in configs.items()}
+    if bc.init_from:
+        gcfg = replace(pretrained.config(bc.init_from), block_size=max(bc.decode_context, bc.context_len + bc.rollout_len) + 1)
+        results[Path(bc.init_from).stem] = bench(Path(bc.init_from).stem, gcfg, bc, device, machine["matmul_gflops"] * 1e9, pretrain=False)
     if bc.json:
         print(json.dumps({"machine": machine, "results": results}, indent=2))
     else:
@@ -255,6 +270,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except train.UsageError as e:
+    except (train.UsageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

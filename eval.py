@@ -5,7 +5,7 @@ Evaluate a trained SOL policy against every baseline at the same achieved budget
     python eval.py --out_dir out --budgets 0.2,0.35,0.5,0.65,0.8  # a sweep, and a Pareto plot
     python eval.py --out_dir out --prompt "facts : color red ." --max_new_tokens 24
     python eval.py --out_dir out --mc path/to/mmlu.jsonl           # multiple choice, by log-likelihood
-    python eval.py --out_dir out --init_from path/to/gpt2          # a run trained on a checkpoint that has moved
+    python eval.py --out_dir out --init_from path/to/model.gguf    # a run trained on a checkpoint that has moved
 
 Methods, all on the same frozen GPT, test episodes and controllable steps:
   sol        the policy, greedy, its budget calibrated on the validation split
@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import pretrained
 import sol
 from sol import decode, prefill
-from train import UsageError, axes, calibrate, checkpoint_digest, episodes, load_checkpoint, load_dataset, parse_args
+from train import UsageError, axes, calibrate, episodes, load_checkpoint, load_dataset, parse_args
 
 
 @dataclass
@@ -34,7 +35,7 @@ class EvalConfig:
     out_dir: str = "out"  # where train.py left ckpt.pt
     budgets: str = ""  # comma list of budgets for every enabled axis; empty = the policy's training target
     dataset: str = ""  # empty = the dataset the policy was trained on
-    init_from: str = ""  # the pretrained checkpoint folder of a run trained with --init_from; empty = where it was then
+    init_from: str = ""  # the checkpoint (folder or GGUF) of a run trained with --init_from; empty = where it was then
     dtype: str = "float32"  # of the frozen GPT: float32 | bfloat16 | float16
     seed: int = 1337
     eval_episodes: int = 256  # test episodes per method
@@ -113,7 +114,7 @@ def heuristic_scheduler(acfg, thresholds):
     return pick
 
 
-def fit_heuristic(model, val, budget, grid, acfg, C, batch, steps=10):
+def fit_heuristic(model, val, budget, grid, acfg, C, batch, prefilled, steps=10):
     """Entropy thresholds that hit the budget, by bisection per axis on the validation episodes (a higher
     threshold means fewer dense steps); two rounds, as the axes change the entropies a little."""
     th = [0.0, 0.0, 0.0]
@@ -122,7 +123,7 @@ def fit_heuristic(model, val, budget, grid, acfg, C, batch, steps=10):
             lo, hi = 0.0, 20.0
             for _ in range(steps):
                 th[axis] = (lo + hi) / 2
-                spent = decode(model, val, torch.ones(3), lambda: heuristic_scheduler(acfg, th), grid, acfg, C, batch)[1]
+                spent = decode(model, val, torch.ones(3), lambda: heuristic_scheduler(acfg, th), grid, acfg, C, batch, prefilled)[1]
                 lo, hi = (th[axis], hi) if spent[axis] > budget[axis] else (lo, th[axis])
             th[axis] = (lo + hi) / 2
     return th
@@ -193,6 +194,12 @@ def generate(model, ids, n, make_scheduler, target, grid, acfg):
     return out, spent / max(n_eff, 1)
 
 
+def tokenizer(init, data_dir):
+    """The tokenizer of the evaluation data: the checkpoint's own, else the one data_dir's meta.json names."""
+    from data.text import load_tokenizer
+    return (pretrained.encoding(init) if init else None) or load_tokenizer(data_dir)
+
+
 def pareto_plot(rows, path):
     """ppl against the mean achieved budget, one curve per method: a PNG, or ASCII without matplotlib."""
     methods = sorted({r["method"] for r in rows} - {"dense"})
@@ -250,10 +257,10 @@ def main(argv):
     init = None
     if cfg.get("base_sha1"):  # trained on a pretrained checkpoint (runs from before --init_from lack the key)
         init = Path(ec.init_from or cfg["base"]).expanduser()
-        if not (init / "config.json").is_file() or checkpoint_digest(init) != cfg["base_sha1"]:
+        if not init.exists() or pretrained.digest(init) != cfg["base_sha1"]:
             raise UsageError(f"{init} is not the checkpoint {out_dir} was trained on ({cfg['base']}, sha1 {cfg['base_sha1'][:10]}); "
                              "pass that one with --init_from")
-        model = sol.GPT.from_pretrained(init, getattr(torch, ec.dtype))
+        model = pretrained.load(init, getattr(torch, ec.dtype))
     elif ec.init_from:
         raise UsageError(f"{out_dir} was trained on its own base GPT, not a checkpoint; drop --init_from")
     else:
@@ -297,8 +304,7 @@ def main(argv):
         return [max(x, m) if on else None for on, m in zip(enabled, mins)]
 
     if ec.prompt:  # side-by-side generation
-        from data.text import load_tokenizer
-        enc = load_tokenizer(data_dir)
+        enc = tokenizer(init, data_dir)
         ids = enc.encode_ordinary(ec.prompt)
         if not ids or len(ids) + ec.max_new_tokens > gcfg.block_size:
             raise UsageError(f"prompt plus --max_new_tokens must be 1..{gcfg.block_size} tokens (got {len(ids)} + {ec.max_new_tokens})")
@@ -318,27 +324,28 @@ def main(argv):
     val = episodes(splits["val"], ec.val_episodes, C + T + 1)
     test = episodes(splits["test"], ec.eval_episodes, C + T + 1)
     gen = torch.Generator().manual_seed(ec.seed)
-    run = lambda eps, target, make: decode(model, eps, target, make, grid, acfg, C, ec.eval_batch)
-    dense_nll, _, _ = run(test, torch.ones(3), lambda: sol.dense_scheduler(grid))
+    pre = {"val": sol.prefill_batches(model, val, C, ec.eval_batch), "test": sol.prefill_batches(model, test, C, ec.eval_batch)}
+    run = lambda split, target, make: decode(model, val if split == "val" else test, target, make, grid, acfg, C, ec.eval_batch, pre[split])
+    dense_nll, _, _ = run("test", torch.ones(3), lambda: sol.dense_scheduler(grid))
     rows, details = [], {}
     for b in budgets:
         fixed = trained if b is None else fixed_for(b)
         target = torch.tensor([1.0 if v is None else v for v in fixed])
-        lam = calibrate(model, policy, val, fixed, grid, acfg, C, ec.eval_batch)
+        lam = calibrate(model, policy, val, fixed, grid, acfg, C, ec.eval_batch, prefilled=pre["val"])
         bias = grid.budget @ lam
-        res = {"sol": run(test, target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias))}
+        res = {"sol": run("test", target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias))}
         ach = res["sol"][1].tolist()  # every baseline spends what SOL spent
         res["dense"] = (dense_nll, torch.ones(3), None)
-        res["static"] = run(test, target, lambda: sol.static_scheduler(acfg, ach))
-        res["random"] = run(test, target, lambda: plan_scheduler(acfg, lambda n: mix_plan(acfg, ach, n, T, gen)))
+        res["static"] = run("test", target, lambda: sol.static_scheduler(acfg, ach))
+        res["random"] = run("test", target, lambda: plan_scheduler(acfg, lambda n: mix_plan(acfg, ach, n, T, gen)))
         # candidates: half reorderings of static's values (local), half drawn from the whole grid (broad)
         cands = torch.cat([mix_plan(acfg, ach, ec.search_schedules // 2, T, gen),
                            search_candidates(acfg, ach, ec.search_schedules - ec.search_schedules // 2, T, gen)])
-        val_nll = torch.stack([run(val, target, lambda: plan_scheduler(acfg, c))[0].mean() for c in cands])
+        val_nll = torch.stack([run("val", target, lambda: plan_scheduler(acfg, c))[0].mean() for c in cands])
         best = int(val_nll.argmin())
-        res["search"] = run(test, target, lambda: plan_scheduler(acfg, cands[best]))
-        th = fit_heuristic(model, val, ach, grid, acfg, C, ec.eval_batch)
-        res["heuristic"] = run(test, target, lambda: heuristic_scheduler(acfg, th))
+        res["search"] = run("test", target, lambda: plan_scheduler(acfg, cands[best]))
+        th = fit_heuristic(model, val, ach, grid, acfg, C, ec.eval_batch, pre["val"])
+        res["heuristic"] = run("test", target, lambda: heuristic_scheduler(acfg, th))
         details[b] = {"sol_actions": res["sol"][2], "search": {"val_nll": val_nll.tolist(), "best": best}}
         label = "trained target" if b is None else f"budget {b}"
         print(f"\n{label}: target keep {fixed[0]} prune {fixed[1]} bits {None if fixed[2] is None else fixed[2] * 16:g}"
@@ -359,8 +366,7 @@ def main(argv):
     b0 = budgets[len(budgets) // 2]
     acts = details[b0]["sol_actions"]  # (E, T)
     compute = grid.budget[acts].mean(-1)  # (E, T) mean budget fraction of the step's action
-    from data.text import load_tokenizer
-    enc = load_tokenizer(data_dir)
+    enc = tokenizer(init, data_dir)
     print(f"\nwhere the compute went ({'trained target' if b0 is None else f'budget {b0}'}; darker = more): "
           "each token shaded by the compute of the step that predicted it")
     toks = test[:6, C + 1:]  # the controlled tokens of the first six test episodes, one per line
@@ -383,7 +389,7 @@ def main(argv):
     if items:
         fixed = trained if b0 is None else fixed_for(b0)
         target = torch.tensor([1.0 if v is None else v for v in fixed])
-        lam = calibrate(model, policy, val, fixed, grid, acfg, C, ec.eval_batch)
+        lam = calibrate(model, policy, val, fixed, grid, acfg, C, ec.eval_batch, prefilled=pre["val"])
         bias = grid.budget @ lam
         mc_report = {}
         for m, make in (("sol", lambda: sol.policy_scheduler(policy, greedy=True, bias=bias)),

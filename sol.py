@@ -8,10 +8,8 @@ actions. The episode runner at the bottom decodes a teacher-forced episode under
 the policy, dense, or static allocation.
 """
 import itertools
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -37,7 +35,7 @@ class GPTConfig:
     n_embd: int = 128
     mlp_hidden: int = 384  # gated MLP width, ~8/3 of 4*n_embd as in SwiGLU models
     rope_theta: float = 10000.0
-    # the architecture of a pretrained checkpoint (GPT.from_pretrained); the defaults are the small model above
+    # the architecture of a pretrained checkpoint (pretrained.load); the defaults are the small model above
     n_kv_head: int = None  # grouped-query attention: key/value heads; None = n_head
     norm: str = "rms"  # rms | layer (LayerNorm with bias, GPT-2)
     norm_eps: float = 1e-6
@@ -82,10 +80,21 @@ CRITERIA = ("recency", "relevancy", "relevancy_layer", "quest")
 
 
 def topn_mask(score, n):
-    """Boolean mask of the n[r] largest entries along the last dim of score (N, ..., M), per row r."""
-    order = torch.argsort(score, dim=-1, descending=True, stable=True)
-    kept = torch.arange(score.size(-1), device=score.device) < n.view(-1, *[1] * (score.dim() - 1))
-    return torch.zeros_like(order, dtype=torch.bool).scatter(-1, order, kept.expand_as(order))
+    """Boolean mask of the n[r] largest entries along the last dim of score (N, ..., M), per row r; of equal
+    entries the earlier ones first."""
+    n = n.view(-1, *[1] * (score.dim() - 1))
+    if score.is_cuda:  # one stable sort, and no wait for the host
+        order = torch.argsort(score, dim=-1, descending=True, stable=True)
+        kept = torch.arange(score.size(-1), device=score.device) < n
+        return torch.zeros_like(order, dtype=torch.bool).scatter(-1, order, kept.expand_as(order))
+    # on a CPU a selection per distinct n is ~4x faster than the sort: the n-th largest entry is the threshold,
+    # and of the entries equal to it the first n - (number above it) are kept
+    M, nth = score.size(-1), torch.empty_like(score[..., :1])
+    for k in n.unique().tolist():
+        rows = (n == k).flatten()
+        nth[rows] = score[rows].kthvalue(M - k + 1, -1, keepdim=True).values
+    above, tie = score > nth, score == nth
+    return above | (tie & (tie.cumsum(-1) <= n - above.sum(-1, keepdim=True)))
 
 
 def fake_quant(x, bits):
@@ -216,6 +225,12 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
         self.parent, self.start = parent, parent.len if parent is not None else 0  # start: first position held here
         self.len = self.start
+
+    def copy(self):
+        """An independent copy (its own keys and values; the parent, if any, still shared)."""
+        c = KVCache.__new__(KVCache)
+        c.k, c.v, c.parent, c.start, c.len = self.k.clone(), self.v.clone(), self.parent, self.start, self.len
+        return c
 
     def fork(self, K, size):
         """K rows per row, sharing the positions cached so far, each with room for `size` more."""
@@ -431,22 +446,6 @@ class GPT(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, 0.0, 0.02)
 
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """A frozen GPT from a Hugging Face-style checkpoint folder of a llama or gpt2 model, without transformers.
-        Built on the meta device, then each tensor is read and copied into place: one copy in memory, in dtype."""
-        cfg = hf_config(path)
-        with torch.device("meta"):
-            model = cls(cfg)
-        model = model.to(dtype).to_empty(device=device)
-        if cfg.tie_embeddings:
-            model.wte.weight = model.lm_head.weight
-        if cfg.pos == "rope":  # buffers are not in checkpoints: compute them (in float32, then cast, as Llama)
-            tables = rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.rope_scaling)
-            model.cos, model.sin = (t.to(device, dtype) for t in tables)
-        load_weights(model, Path(path))
-        return model.eval().requires_grad_(False)
-
     def new_cache(self, N, size):
         c, w = self.cfg, self.lm_head.weight
         return KVCache(c.n_layer, N, c.n_kv_head or c.n_head, size, c.n_embd // c.n_head, w.device, dtype=w.dtype)
@@ -470,121 +469,6 @@ class GPT(nn.Module):
         if cache is not None:
             cache.len += idx.size(1)
         return self.norm(x)
-
-# -----------------------------------------------------------------------------
-# pretrained checkpoints: a folder with config.json and model.safetensors (or shards and their index, or pytorch_model.bin)
-
-
-def hf_config(path):
-    """The GPTConfig of a checkpoint folder's config.json (model_type llama or gpt2)."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        raise ValueError(f"{path} is not a checkpoint folder: it has no config.json")
-    c = json.loads(file.read_text())
-    try:
-        if c.get("model_type") == "gpt2":
-            if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-                raise ValueError(f"{file}: activation {c['activation_function']} is not supported (gelu_new only)")
-            return GPTConfig(block_size=c["n_positions"], vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
-                             n_embd=c["n_embd"], mlp_hidden=c.get("n_inner") or 4 * c["n_embd"], norm="layer",
-                             norm_eps=c["layer_norm_epsilon"], mlp="gelu", pos="learned", bias=True,
-                             tie_embeddings=c.get("tie_word_embeddings", True))
-        if c.get("model_type") == "llama":
-            rope = {**(c.get("rope_scaling") or {}), **(c.get("rope_parameters") or {})}  # transformers 4 | 5
-            kind = rope.get("rope_type", rope.get("type", "default"))
-            head_dim = c["hidden_size"] // c["num_attention_heads"]
-            if kind not in ("default", "llama3"):
-                raise ValueError(f"{file}: rope type {kind!r} is not supported (default or llama3)")
-            if c.get("hidden_act", "silu") != "silu" or c.get("head_dim", head_dim) != head_dim:
-                raise ValueError(f"{file}: only silu MLPs with head_dim = hidden_size / num_attention_heads are supported")
-            if c.get("attention_bias", False) != c.get("mlp_bias", False):
-                raise ValueError(f"{file}: attention_bias and mlp_bias must agree")
-            if c["num_attention_heads"] % (c.get("num_key_value_heads") or 1):
-                raise ValueError(f"{file}: num_key_value_heads must divide num_attention_heads")
-            return GPTConfig(block_size=c["max_position_embeddings"], vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"],
-                             n_head=c["num_attention_heads"], n_embd=c["hidden_size"], mlp_hidden=c["intermediate_size"],
-                             rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-                             n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"], norm_eps=c["rms_norm_eps"],
-                             bias=c.get("attention_bias", False), tie_embeddings=c.get("tie_word_embeddings", False),
-                             rope_scaling={k: float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                                     "original_max_position_embeddings")} if kind == "llama3" else None)
-    except KeyError as e:
-        raise ValueError(f"{file} lacks {e}, which a {c['model_type']} config needs") from None
-    raise ValueError(f"{file}: model_type {c.get('model_type')!r} is not supported; use a llama or gpt2 checkpoint")
-
-
-def checkpoint_names(cfg):
-    """Where each checkpoint tensor goes: {name: (our parameter, its rows or None, stored transposed)}."""
-    C, kv = cfg.n_embd, cfg.n_embd // cfg.n_head * (cfg.n_kv_head or cfg.n_head)
-    kinds = ("weight", "bias") if cfg.bias else ("weight",)
-    names = {} if cfg.tie_embeddings else {"lm_head.weight": ("lm_head.weight", None, False)}
-    if cfg.pos == "learned":  # GPT-2, whose Conv1D layers store weights as (in, out)
-        names |= {"wte.weight": ("wte.weight", None, False), "wpe.weight": ("wpe.weight", None, False),
-                  "ln_f.weight": ("norm.weight", None, False), "ln_f.bias": ("norm.bias", None, False)}
-        pairs = (("ln_1", "norm1"), ("ln_2", "norm2"), ("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"),
-                 ("mlp.c_fc", "mlp.up"), ("mlp.c_proj", "mlp.down"))
-        for i in range(cfg.n_layer):
-            names |= {f"h.{i}.{theirs}.{k}": (f"blocks.{i}.{ours}.{k}", None, k == "weight" and not theirs.startswith("ln"))
-                      for theirs, ours in pairs for k in kinds}
-        return names
-    names |= {"model.embed_tokens.weight": ("wte.weight", None, False), "model.norm.weight": ("norm.weight", None, False)}
-    rows = {"q": slice(0, C), "k": slice(C, C + kv), "v": slice(C + kv, C + 2 * kv)}  # q, k, v fused into one qkv
-    pairs = (("self_attn.o_proj", "attn.proj"), ("mlp.gate_proj", "mlp.gate"), ("mlp.up_proj", "mlp.up"), ("mlp.down_proj", "mlp.down"))
-    for i in range(cfg.n_layer):
-        p, b = f"model.layers.{i}.", f"blocks.{i}."
-        names |= {p + "input_layernorm.weight": (b + "norm1.weight", None, False),
-                  p + "post_attention_layernorm.weight": (b + "norm2.weight", None, False)}
-        names |= {f"{p}self_attn.{x}_proj.{k}": (f"{b}attn.qkv.{k}", rows[x], False) for x in "qkv" for k in kinds}
-        names |= {f"{p}{theirs}.{k}": (f"{b}{ours}.{k}", None, False) for theirs, ours in pairs for k in kinds}
-    return names
-
-
-def read_tensors(path):
-    """(name, tensor) of every tensor in a checkpoint folder, one at a time."""
-    index, single, pickled = path / "model.safetensors.index.json", path / "model.safetensors", path / "pytorch_model.bin"
-    if index.is_file() or single.is_file():
-        try:
-            from safetensors import safe_open
-        except ImportError:
-            raise ValueError(f"{path} holds .safetensors weights: pip install safetensors to read them") from None
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [single.name]
-        for f in files:
-            with safe_open(path / f, framework="pt") as st:
-                names = list(st.keys())
-            for name in names:  # the file is mapped once per tensor, so only that tensor's pages stay resident
-                with safe_open(path / f, framework="pt") as st:
-                    t = st.get_tensor(name)
-                yield name, t
-    elif pickled.is_file():
-        try:
-            state = torch.load(pickled, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise ValueError(f"cannot read {pickled} as plain tensors ({type(e).__name__}); convert it to safetensors") from None
-        yield from state.items()
-    else:
-        raise ValueError(f"no weights in {path}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-
-
-@torch.no_grad()
-def load_weights(model, path):
-    """Copy a checkpoint's tensors into model (cast to its dtype, on its device), checking names and shapes."""
-    cfg, names, params = model.cfg, checkpoint_names(model.cfg), dict(model.named_parameters())
-    kind = "gpt2" if cfg.pos == "learned" else "llama"
-    missing = set(names)
-    for name, t in read_tensors(path):
-        name = name.removeprefix("transformer.") if kind == "gpt2" else name
-        if name not in names:
-            if name.endswith((".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")) or name == "lm_head.weight":
-                continue  # causal-mask and rope buffers, and the copy of the embedding a tied checkpoint may store
-            raise ValueError(f"{path} holds {name}, which is no part of a {kind} model as its config.json describes")
-        ours, rows, transposed = names[name]
-        dst, t = params[ours] if rows is None else params[ours][rows], t.t() if transposed else t
-        if t.shape != dst.shape:
-            raise ValueError(f"{name} in {path} has shape {tuple(t.shape)}, but its config.json implies {tuple(dst.shape)}")
-        dst.copy_(t)
-        missing.discard(name)
-    if missing:
-        raise ValueError(f"{path} lacks {len(missing)} tensors its config.json implies, e.g. {sorted(missing)[0]}")
 
 # -----------------------------------------------------------------------------
 # the policy
@@ -634,7 +518,7 @@ def matmul_flops(module, context, n_layer, d_attn):
 
 
 @torch.no_grad()
-def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=None, keep_logprobs=False):
+def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=None):
     """Teacher-forced decode of T controlled steps under a schedule.
     cache: the LM's KV cache after a dense prefill of the context (N rows); h0 (N, C): its last hidden state.
     x (N, T+1): step t feeds x[:, t] and scores x[:, t+1]. target (N, 3): requested budget fractions.
@@ -644,7 +528,7 @@ def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=Non
     N, T = x.size(0), x.size(1) - 1
     h, prev = h0, torch.full((N,), len(grid.tags), dtype=torch.long, device=x.device)  # BOS action
     spent, n_eff = torch.zeros(N, 3, device=x.device), 0
-    out = {k: [] for k in ("h_prev", "emb", "scalars", "prev_action", "entropy", "action", "logp", "kl", "logprobs")}
+    out = {k: [] for k in ("h_prev", "emb", "scalars", "prev_action", "entropy", "action", "logp", "kl")}
     logprobs = F.log_softmax(model.lm_head(h0).float(), -1)  # the prediction made before step 0
     for t in range(T):
         eff = controllable(cache.len, acfg)
@@ -664,8 +548,6 @@ def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=Non
         out["logp"].append(logprobs.gather(1, x[:, t + 1:t + 2])[:, 0])
         if ref_logprobs is not None:  # KL(p_dense || p_sparse) at this step
             out["kl"].append((ref_logprobs[:, t].exp() * (ref_logprobs[:, t] - logprobs)).sum(-1))
-        if keep_logprobs:
-            out["logprobs"].append(logprobs)
         h, prev = hs[:, -1], a
     out = {k: torch.stack(v, 1) for k, v in out.items() if v}  # each (N, T, ...)
     out["achieved"] = spent / max(n_eff, 1)  # (N, 3) mean budget over controllable steps
@@ -681,14 +563,22 @@ def prefill(model, x, C, T):
 
 
 @torch.no_grad()
-def decode(model, eps, target, make_scheduler, grid, acfg, C, batch):
+def prefill_batches(model, eps, C, batch):
+    """The dense prefill of every episode's context, batch by batch as decode takes them: an evaluation decodes
+    the same episodes under many schedules (calibration, search), and each reuses these."""
+    return [prefill(model, eps[i:i + batch], C, eps.size(1) - C - 1) for i in range(0, len(eps), batch)]
+
+
+@torch.no_grad()
+def decode(model, eps, target, make_scheduler, grid, acfg, C, batch, prefilled=None):
     """Every episode eps (E, C+T+1) under a fresh scheduler per batch: the mean NLL over the T controlled
-    steps of each episode (E,), the achieved budget (3,) and the actions (E, T)."""
+    steps of each episode (E,), the achieved budget (3,) and the actions (E, T). prefilled: prefill_batches
+    of the same episodes, copied instead of recomputed (the context is dense whatever the schedule)."""
     T = eps.size(1) - C - 1
     nll, spent, actions = [], 0, []
-    for i in range(0, len(eps), batch):
+    for j, i in enumerate(range(0, len(eps), batch)):
         x = eps[i:i + batch]
-        cache, h0 = prefill(model, x, C, T)
+        cache, h0 = prefill(model, x, C, T) if prefilled is None else (prefilled[j][0].copy(), prefilled[j][1])
         roll = rollout(model, cache, h0, x[:, C:], target.expand(len(x), 3), make_scheduler(), grid, acfg)
         nll.append(-roll["logp"].mean(1))
         spent = spent + roll["achieved"].sum(0)

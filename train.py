@@ -4,6 +4,7 @@ Train a SOL policy with GRPO on teacher-forced episodes, on top of a frozen GPT.
     python train.py --target_budget 0.5
     python train.py --dataset shakespeare --target_budget 0.3 --rollouts 8
     python train.py --init_from path/to/Llama-3.2-1B --dataset mytext.txt --dtype bfloat16
+    python train.py --init_from path/to/SmolLM2-135M-Instruct.Q4_1.gguf --dataset mytext.txt
     python train.py --help
 
 1. prepare the dataset if its token files are missing;
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import pretrained
 import sol
 from sol import ActionConfig, GPTConfig, PolicyConfig
 
@@ -45,7 +47,7 @@ ROOT = Path(__file__).resolve().parent
 @dataclass
 class TrainConfig:
     dataset: str = "synth"  # synth | shakespeare | path/to/file.txt
-    init_from: str = ""  # a Hugging Face-style llama or gpt2 checkpoint folder: its model and tokenizer, no pretraining
+    init_from: str = ""  # a llama or gpt2 checkpoint folder, or a llama GGUF file: its model and tokenizer, no pretraining
     dtype: str = "float32"  # of the frozen GPT: float32 | bfloat16 | float16
     out_dir: str = "out"
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -230,18 +232,9 @@ def gpt_config(gcfg):
     return {k: v for k, v in asdict(gcfg).items() if k not in ARCH or v != getattr(GPTConfig, k)}
 
 
-def checkpoint_digest(path):
-    """sha1 of a checkpoint folder's config.json and weight files: which checkpoint a run was trained on."""
-    h = hashlib.sha1()
-    for f in sorted(f for f in Path(path).iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".bin")):
-        with open(f, "rb") as fh:
-            h.update(f.name.encode() + hashlib.file_digest(fh, "sha1").digest())
-    return h.hexdigest()
-
-
 def load_dataset(name, checkpoint=None):
     """Token splits of a dataset, prepared on first use: returns (data_dir, meta, {split: token memmap}). A text file
-    is tokenized with the checkpoint folder's tokenizer if given, else with GPT-2's BPE."""
+    is tokenized with the checkpoint's tokenizer if given (a folder or GGUF file), else with GPT-2's BPE."""
     text = name.endswith(".txt") or os.path.sep in name
     if checkpoint is not None and not text:
         raise UsageError(f"--init_from needs a text dataset (--dataset=path/to/file.txt) to tokenize with the checkpoint's "
@@ -258,16 +251,18 @@ def load_dataset(name, checkpoint=None):
         if not (data_dir / "meta.json").exists():
             prepare(data_dir)
     elif text:
-        from data.text import prepare_text, tokenizer_file
+        from data.text import prepare_text
         path = Path(name).expanduser()
         if not path.is_file():
             raise UsageError(f"dataset file {name} does not exist; pass an existing .txt file, or --dataset=synth")
         digest = hashlib.sha1(path.read_bytes()).hexdigest()[:10]
-        tokenizer = None if checkpoint is None else tokenizer_file(checkpoint)  # None: GPT-2's BPE
-        data_dir = ROOT / "data" / "cache" / (f"{path.stem}-{digest}" if tokenizer is None else
-                                              f"{path.stem}-{digest}-llama3-{hashlib.sha1(tokenizer.read_bytes()).hexdigest()[:8]}")
+        tokenizer = None if checkpoint is None else pretrained.tokenizer_file(checkpoint)  # None: GPT-2's BPE
+        if tokenizer is not None:  # the cache is keyed by the tokenizer's file too: another tokenizer, other tokens
+            with open(tokenizer, "rb") as fh:
+                digest += "-tok" + hashlib.file_digest(fh, "sha1").hexdigest()[:8]
+        data_dir = ROOT / "data" / "cache" / f"{path.stem}-{digest}"
         if not (data_dir / "meta.json").exists():
-            prepare_text(path, data_dir, tokenizer)
+            prepare_text(path, data_dir, None if tokenizer is None else pretrained.encoding(checkpoint))
     else:
         raise UsageError(f"unknown dataset {name!r}; use synth, shakespeare, or a path to a .txt file")
     meta = json.loads((data_dir / "meta.json").read_text())
@@ -458,20 +453,21 @@ def axes(v):
     return {name: None if x is None else float(x) * scale for name, x, scale in zip(("keep", "prune", "bits"), v, (1, 1, 16))}
 
 
-def calibrate(model, policy, eps, fixed, grid, acfg, C, batch, steps=8):
+def calibrate(model, policy, eps, fixed, grid, acfg, C, batch, steps=8, prefilled=None):
     """Greedy decoding takes the policy's mode, which can sit off the requested budget: an axis that costs no
     quality gets its cheapest value even when the sampled schedules average to the target. A Lagrange
     multiplier per axis, lam, adds lam . budget(a) to the logits; bisect each on the validation episodes until
     the greedy schedule's achieved budget meets the target. Only the budget is calibrated, never quality."""
     target = torch.tensor([1.0 if v is None else v for v in fixed], device=eps.device)
     lam = torch.zeros(3, device=eps.device)
+    prefilled = prefilled or sol.prefill_batches(model, eps, C, batch)  # one prefill for all the bisection's decodes
     for _ in range(2):  # the axes interact a little: two rounds of coordinate bisection
         for axis in (i for i in range(3) if fixed[i] is not None):
             lo, hi = -20.0, 20.0
             for _ in range(steps):
                 lam[axis] = (lo + hi) / 2
                 scheduler = lambda: sol.policy_scheduler(policy, greedy=True, bias=grid.budget.to(lam.device) @ lam)
-                achieved = sol.decode(model, eps, target, scheduler, grid, acfg, C, batch)[1]
+                achieved = sol.decode(model, eps, target, scheduler, grid, acfg, C, batch, prefilled)[1]
                 lo, hi = (lam[axis].item(), hi) if achieved[axis] < target[axis] else (lo, lam[axis].item())
             lam[axis] = (lo + hi) / 2
     return lam
@@ -481,12 +477,13 @@ def evaluate(model, policy, eps, fixed, grid, acfg, C, batch, lam):
     """SOL (greedy, budget-calibrated), dense, and static at SOL's achieved budget, on the same episodes."""
     target = torch.tensor([1.0 if v is None else v for v in fixed], device=eps.device)
     bias = grid.budget.to(eps.device) @ lam
-    nll, achieved, _ = sol.decode(model, eps, target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias), grid, acfg, C, batch)
+    pre = sol.prefill_batches(model, eps, C, batch)
+    nll, achieved, _ = sol.decode(model, eps, target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias), grid, acfg, C, batch, pre)
     rows = [("sol", fixed, nll, achieved)]
-    nll, dense, _ = sol.decode(model, eps, target, lambda: sol.dense_scheduler(grid), grid, acfg, C, batch)
+    nll, dense, _ = sol.decode(model, eps, target, lambda: sol.dense_scheduler(grid), grid, acfg, C, batch, pre)
     rows.append(("dense", [1.0, 1.0, 1.0], nll, dense))
     matched = achieved.tolist()
-    nll, static, _ = sol.decode(model, eps, target, lambda: sol.static_scheduler(acfg, matched), grid, acfg, C, batch)
+    nll, static, _ = sol.decode(model, eps, target, lambda: sol.static_scheduler(acfg, matched), grid, acfg, C, batch, pre)
     rows.append(("static", matched, nll, static))
     T = eps.size(1) - C - 1
     return [{"method": m, "target": axes(t), "achieved": axes(a.tolist()), "nll": n.mean().item(),
@@ -543,20 +540,22 @@ def main(argv):
         flags = [f.name for f in fields(gcfg) if getattr(gcfg, f.name) != getattr(GPTConfig, f.name)]
         if flags:
             raise UsageError(f"--init_from takes the model config from the checkpoint; drop --{', --'.join(flags)}")
-        gcfg = sol.hf_config(init)
+        gcfg = pretrained.config(init)
     if ddp and not master:
         dist.barrier()  # rank 0 prepares the data and pretrains the base GPT first; the others then read them
     data_dir, meta, splits = load_dataset(tc.dataset, init)
     if init is None:
         gcfg.vocab_size = meta["vocab_size"]
     elif max(int(d.max()) for d in splits.values()) >= gcfg.vocab_size:
-        raise UsageError(f"{tc.dataset} was tokenized beyond the checkpoint's {gcfg.vocab_size} tokens; its tokenizer does not match the model")
+        raise UsageError(f"{tc.dataset} was tokenized beyond the checkpoint's {gcfg.vocab_size} tokens: its tokenizer does not "
+                         "match the model, or the text holds bytes the tokenizer lacks (e.g. control characters); remove them")
     validate(tc, g, gcfg, acfg, pcfg)
     C, T = g.context_len, g.rollout_len
+    need = C + T + 1 if init else max(C + T + 1, gcfg.block_size + 1)  # a pretraining window only if we pretrain
     for split, data in splits.items():
-        if len(data) < max(C + T + 1, gcfg.block_size + 1):
-            raise UsageError(f"the {split} split of {tc.dataset} has {len(data)} tokens, fewer than one episode or "
-                             f"pretraining window ({max(C + T + 1, gcfg.block_size + 1)}); use a longer text or a smaller --context_len/--block_size")
+        if len(data) < need:
+            raise UsageError(f"the {split} split of {tc.dataset} has {len(data)} tokens, fewer than one episode"
+                             f"{'' if init else ' or pretraining window'} ({need}); use a longer text or a smaller --context_len/--block_size")
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
     print(f"seed {tc.seed} | dataset {tc.dataset} ({', '.join(f'{s} {len(d):,}' for s, d in splits.items())} tokens) | device {device}")
@@ -564,9 +563,9 @@ def main(argv):
     # 1. the base GPT: a pretrained checkpoint, or pretrained here once per dataset and model config; then frozen
     key = json.dumps([gpt_config(gcfg), meta, tc.pretrain_iters, tc.pretrain_batch, tc.pretrain_lr, tc.seed], sort_keys=True)
     base_path = init or data_dir / f"base-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
-    base_sha1 = checkpoint_digest(init) if init else None
+    base_sha1 = pretrained.digest(init) if init else None
     t0 = time.time()
-    model = sol.GPT.from_pretrained(init, getattr(torch, tc.dtype), device) if init else sol.GPT(gcfg).to(device)
+    model = pretrained.load(init, getattr(torch, tc.dtype), device) if init else sol.GPT(gcfg).to(device)
     partial = Path(f"{base_path}.partial")
     STOP["defer"] = True
     if init:
@@ -649,9 +648,10 @@ def main(argv):
                 # prefill the context once, densely; the K rollouts of a sequence all read that one prefix cache
                 cache, h0 = sol.prefill(model, x, C, T)
                 cache_k = cache.fork(K, T)
-                # the dense reference over the controlled steps
-                dense = sol.rollout(model, cache, h0, x[:, C:], target, sol.dense_scheduler(grid), grid, acfg, keep_logprobs=g.task_w_kl > 0)
-                ref = dense["logprobs"].repeat_interleave(K, 0) if g.task_w_kl > 0 else None
+                # the dense reference over the controlled steps: teacher-forced, so all T steps in one forward
+                dense = F.log_softmax(model(x[:, C:C + T], cache)[0].float(), -1)  # (B, T, V)
+                dense_logp = dense.gather(-1, x[:, C + 1:, None])[..., 0]  # (B, T)
+                ref = dense.repeat_interleave(K, 0) if g.task_w_kl > 0 else None
                 # K counterfactual schedules per sequence: same tokens, compute sampled from the policy
                 roll = sol.rollout(model, cache_k, h0.repeat_interleave(K, 0), x[:, C:].repeat_interleave(K, 0),
                                    target.repeat_interleave(K, 0), sol.policy_scheduler(policy, greedy=False, shard=(rank, world)), grid, acfg, ref)
@@ -674,7 +674,7 @@ def main(argv):
             skipped += 1
             tqdm.write(f"warning: iteration {it + 1}: non-finite reward, advantage or loss; update skipped ({skipped} so far)")
         ach = roll["achieved"].mean(0)
-        pbar.set_postfix(reward=f"{roll['logp'].mean():.3f}", dense=f"{dense['logp'].mean():.3f}",
+        pbar.set_postfix(reward=f"{roll['logp'].mean():.3f}", dense=f"{dense_logp.mean():.3f}",
                          keep=f"{ach[0]:.2f}", prune=f"{ach[1]:.2f}", bits=f"{ach[2] * 16:.1f}",
                          gap=f"{(roll['achieved'] - target.repeat_interleave(K, 0)).abs().mean():.3f}", skipped=skipped)
         if ddp:  # a signal reaches the processes at different moments: all stop after the same iteration

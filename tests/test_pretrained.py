@@ -1,5 +1,5 @@
 """Pretrained checkpoints: tiny random Llama and GPT-2 models saved by transformers (test-only), loaded by
-GPT.from_pretrained, must match transformers' logits, cached decode and greedy tokens; a Llama-3-style tokenizer
+pretrained.load, must match transformers' logits, cached decode and greedy tokens; a Llama-3-style tokenizer
 built here round-trips text; train.py and eval.py run a few GRPO steps on such a checkpoint. Nothing is downloaded."""
 import base64
 import json
@@ -13,9 +13,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import pretrained  # noqa: E402
 import sol  # noqa: E402
 from data.synth.prepare import train_bpe  # noqa: E402
-from data.text import LLAMA3_SPECIAL, llama3_encoding, tokenizer_file  # noqa: E402
+from pretrained import LLAMA3_SPECIAL, llama3_encoding, tokenizer_file  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 WORDS = "the quick brown fox jumps over lazy dog and then runs far away into a deep green forest of tall old trees".split()
@@ -84,7 +85,7 @@ def test_parity_with_transformers(kind, request):
     ref, path = request.getfixturevalue(kind)
     if kind == "llama":
         assert len(list(path.glob("model-*.safetensors"))) > 1 and (path / "model.safetensors.index.json").exists()
-    model = sol.GPT.from_pretrained(path)
+    model = pretrained.load(path)
     torch.manual_seed(1)
     x = torch.randint(0, model.cfg.vocab_size, (3, 100))
     theirs = ref(x).logits
@@ -109,7 +110,7 @@ def test_actions_on_pretrained_models(llama, gpt2):
     grid = sol.action_grid(acfg)
     for path in (llama[1], gpt2[1]):
         for dtype in (torch.float32, torch.bfloat16):
-            model = sol.GPT.from_pretrained(path, dtype)
+            model = pretrained.load(path, dtype)
             assert model.lm_head.weight.dtype == dtype and model.cfg.vocab_size in (600, 300)
             x = torch.randint(0, 300, (4, 60), generator=torch.Generator().manual_seed(0))
             cache, h0 = sol.prefill(model, x, 40, 19)
@@ -129,7 +130,7 @@ def test_actions_on_pretrained_models(llama, gpt2):
 
 def test_pytorch_bin_and_tied_embeddings(tmp_path):
     ref = save_llama(tmp_path / "tied", tie=True, shard=False)
-    model = sol.GPT.from_pretrained(tmp_path / "tied")
+    model = pretrained.load(tmp_path / "tied")
     assert model.cfg.tie_embeddings and model.wte.weight is model.lm_head.weight
     x = torch.randint(0, 600, (2, 20))
     with torch.no_grad():
@@ -139,7 +140,7 @@ def test_pytorch_bin_and_tied_embeddings(tmp_path):
     (binary / "config.json").write_text((tmp_path / "tied" / "config.json").read_text())
     torch.save(ref.state_dict(), binary / "pytorch_model.bin")  # read with weights_only=True
     with torch.no_grad():
-        torch.testing.assert_close(sol.GPT.from_pretrained(binary)(x)[0], model(x)[0])
+        torch.testing.assert_close(pretrained.load(binary)(x)[0], model(x)[0])
 
 
 def test_bad_checkpoints_one_clear_error(gpt2, tmp_path, monkeypatch):
@@ -147,27 +148,27 @@ def test_bad_checkpoints_one_clear_error(gpt2, tmp_path, monkeypatch):
     bad = tmp_path / "bad"
     bad.mkdir()
     with pytest.raises(ValueError, match="no config.json"):
-        sol.GPT.from_pretrained(bad)
+        pretrained.load(bad)
     cfg = json.loads((path / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
     with pytest.raises(ValueError, match="model_type 'bert' is not supported"):
-        sol.GPT.from_pretrained(bad)
+        pretrained.load(bad)
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="no weights"):
-        sol.GPT.from_pretrained(bad)
+        pretrained.load(bad)
     (bad / "model.safetensors").symlink_to(path / "model.safetensors")
     (bad / "config.json").write_text(json.dumps({**cfg, "n_embd": 32}))
     with pytest.raises(ValueError, match="has shape .* config.json implies"):
-        sol.GPT.from_pretrained(bad)
+        pretrained.load(bad)
     (bad / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
     with pytest.raises(ValueError, match="lacks 12 tensors .* h.2."):
-        sol.GPT.from_pretrained(bad)
+        pretrained.load(bad)
     (bad / "config.json").write_text(json.dumps({**cfg, "n_layer": 1}))
     with pytest.raises(ValueError, match="holds h.1.*no part of a gpt2 model"):
-        sol.GPT.from_pretrained(bad)
+        pretrained.load(bad)
     monkeypatch.setitem(sys.modules, "safetensors", None)  # the optional extra, missing
     with pytest.raises(ValueError, match="pip install safetensors"):
-        sol.GPT.from_pretrained(path)
+        pretrained.load(path)
 
 
 def write_tokenizer(path):

@@ -148,10 +148,10 @@ def test_one_step_rollouts_and_one_sequence_batches_train(tmp_path):
 def test_nan_reward_skips_the_update_not_the_policy(tmp_path, monkeypatch, capsys):
     real, calls = sol.rollout, []
 
-    def rollout(*args, **kwargs):  # the sampled rollouts of GRPO iteration 2 get a NaN log-prob in one row
+    def rollout(*args, **kwargs):  # the sampled rollouts of GRPO iteration 2 (one rollout call each) get a NaN log-prob in one row
         out = real(*args, **kwargs)
         calls.append(1)
-        if len(calls) == 4:
+        if len(calls) == 2:
             out["logp"][1, 0] = float("nan")
         return out
     monkeypatch.setattr(sol, "rollout", rollout)
