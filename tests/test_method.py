@@ -151,16 +151,21 @@ def test_rollout_kl_is_the_dense_to_sparse_divergence():
     x = torch.randint(0, CFG.vocab_size, (N, C + T + 1), generator=torch.Generator().manual_seed(0))
     target = torch.full((N, 3), 0.5)
     cache, h0 = sol.prefill(model, x, C, T)
-    dense = sol.rollout(model, cache, h0, x[:, C:], target, sol.dense_scheduler(grid), grid, acfg, keep_logprobs=True)
+    dense = torch.log_softmax(model(x[:, C:C + T], cache)[0], -1)  # (N, T, V), as train.py's dense reference
     cheap = lambda t, obs: torch.zeros(N, dtype=torch.long)  # the cheapest action
     cache, h0 = sol.prefill(model, x, C, T)
-    roll = sol.rollout(model, cache, h0, x[:, C:], target, cheap, grid, acfg, dense["logprobs"], keep_logprobs=True)
-    want = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=dense["logprobs"]),
-                                             torch.distributions.Categorical(logits=roll["logprobs"]))
+    roll = sol.rollout(model, cache, h0, x[:, C:], target, cheap, grid, acfg, dense)
+    cache, _ = sol.prefill(model, x, C, T)  # the second route: decode step by step under the cheapest action
+    sparse = []
+    for t in range(T):
+        act = grid.values[torch.zeros(N, dtype=torch.long)] if sol.controllable(cache.len, acfg) else None
+        sparse.append(torch.log_softmax(model(x[:, C + t:C + t + 1], cache, act, acfg)[0][:, -1], -1))
+    want = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=dense),
+                                             torch.distributions.Categorical(logits=torch.stack(sparse, 1)))
     close(roll["kl"], want)
     assert (want > 1e-3).all()  # the cheapest action really changes the prediction
     cache, h0 = sol.prefill(model, x, C, T)
-    same = sol.rollout(model, cache, h0, x[:, C:], target, sol.dense_scheduler(grid), grid, acfg, dense["logprobs"])
+    same = sol.rollout(model, cache, h0, x[:, C:], target, sol.dense_scheduler(grid), grid, acfg, dense)
     close(same["kl"], torch.zeros(N, T))
 
 # -----------------------------------------------------------------------------
@@ -413,7 +418,7 @@ def test_fit_heuristic_meets_the_budget():
     C, T = 12, 8
     val = episodes(16, C, T)
     budget = [0.4, 0.7, 0.6]
-    th = ev.fit_heuristic(model, val, budget, grid, acfg, C, 16)
+    th = ev.fit_heuristic(model, val, budget, grid, acfg, C, 16, sol.prefill_batches(model, val, C, 16))
     spent = sol.decode(model, val, torch.ones(3), lambda: ev.heuristic_scheduler(acfg, th), grid, acfg, C, 16)[1]
     close(spent, budget, 0.05)
 
