@@ -237,7 +237,7 @@ def shade(tokens, compute, html_path):
     spans = "".join(f'<span style="background: rgba(220,60,30,{c:.2f})" title="{c:.2f}">{t.replace("&", "&amp;").replace("<", "&lt;")}</span>'
                     for t, c in zip(tokens, compute))
     sol.save_atomic(f"<html><body><pre style='font-size:15px'>{spans}</pre>"
-                               "<p>background: compute spent on the token (mean of keep, prune, bits/16)</p></body></html>", html_path)
+                    "<p>background: compute spent on the token (mean of keep, prune, bits/16)</p></body></html>", html_path)
 
 
 def main(argv):

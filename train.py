@@ -483,11 +483,6 @@ def calibrate(model, policy, eps, fixed, grid, acfg, C, batch, steps=8):
     return lower, upper, share
 
 
-def multipliers(cal):
-    """A calibration as eval.json records it."""
-    return dict(zip(("lower", "upper", "upper_share"), (t.tolist() for t in cal)))
-
-
 def evaluate(model, policy, eps, fixed, grid, acfg, C, batch, cal):
     """SOL (greedy, budget-calibrated), dense, and static at SOL's achieved budget, on the same episodes. Each
     method's achieved budget is checked against what it was asked for: off_budget lists the axes it missed."""
@@ -687,7 +682,8 @@ def main(argv):
     B, K = g.batch_size // world, g.rollouts
     rows = slice(rank * B, (rank + 1) * B)
     trained = DDP(policy, device_ids=[local] if device == "cuda" else None) if ddp else policy
-    pbar = tqdm(range(start, g.max_iters), desc="grpo", dynamic_ncols=True, initial=start, total=g.max_iters, disable=not master)
+    pbar = tqdm(range(start, g.max_iters), desc="grpo", dynamic_ncols=True, initial=start, total=g.max_iters,
+                disable=not master or start >= g.max_iters)
     for it in pbar:
         opt.zero_grad(set_to_none=True)
         for micro in range(g.grad_accum):
@@ -782,7 +778,7 @@ def evaluate_and_report(model, policy, splits, fixed, grid, acfg, C, T, tc, conf
     if any(r["off_budget"] for r in results):
         print(f"OFF BUDGET: achieved more than {sol.BUDGET_TOL} (bits {sol.BUDGET_TOL * 16:g}) away from what the method was "
               "asked for (sol: the target; static: sol's achieved budget)")
-    report = {"dataset": tc.dataset, "seed": tc.seed, "config": config, "budget_multipliers": multipliers(cal),
+    report = {"dataset": tc.dataset, "seed": tc.seed, "config": config, "budget_multipliers": {"lower": lower, "upper": upper, "upper_share": share},
               "episodes": {"calibration (val)": tc.eval_episodes // 2, "test": len(eps)}, "results": results}
     out_dir.mkdir(parents=True, exist_ok=True)
     sol.save_atomic(json.dumps(report, indent=2), out_dir / "eval.json")

@@ -40,7 +40,7 @@ def script(name, *args, timeout=600):
 
 
 def one_error_line(p, needle):
-    lines = p.stderr.strip().splitlines()
+    lines = [line for line in p.stderr.strip().splitlines() if not line.startswith(("grpo:", "pretrain:"))]  # less progress bars
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (p.returncode, p.stderr[-2000:])
     assert needle in lines[0], lines[0]
     return lines[0]
@@ -140,7 +140,7 @@ def test_off_budget_sol_is_flagged_in_eval_table_and_json_and_requests_are_clamp
     for r in rows:
         if r["method"] == "sol":
             b = r["budget"]
-            assert r["target"] == {"keep": b, "prune": max(b, 0.4), "bits": 16 * b} and r["off_budget"] == ["keep", "prune", "bits"]
+            assert r["target"] == {"keep": b, "prune": max(b, 0.4), "bits": max(16 * b, 5.0)} and r["off_budget"] == ["keep", "prune", "bits"]
         elif r["method"] in ("static", "random", "dense"):  # at SOL's achieved budget, which they meet by construction
             assert r["off_budget"] == [], r
 
@@ -223,11 +223,11 @@ def test_out_dir_on_a_full_file_system_is_refused_up_front(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(full)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        with open(full / "filler", "wb") as f:  # fill it: the write that finds it full ends the loop
-            with pytest.raises(OSError):
-                while True:
-                    f.write(b"\0" * 4096)
-                    f.flush()
+        fd = os.open(full / "filler", os.O_WRONLY | os.O_CREAT)
+        with pytest.raises(OSError, match="No space left"):  # fill it
+            while True:
+                os.write(fd, b"\0" * 4096)
+        os.close(fd)
         p = script("train.py", *TINY, f"--out_dir={full / 'out'}")
         one_error_line(p, f"--out_dir={full / 'out'} is on a file system with 0.0 MiB free, too little for a checkpoint")
         assert os.listdir(full) == ["filler"]
@@ -307,7 +307,7 @@ def test_signal_during_eval_py(finished, tmp_path):
     assert (work / "eval.json").read_bytes() == before and not [f for f in os.listdir(work) if f.endswith(".tmp")]
 
 
-def test_a_finished_run_goes_straight_to_evaluation_even_after_overwrite(finished, tmp_path):
+def test_a_finished_run_goes_straight_to_evaluation(finished, tmp_path):
     work = tmp_path / "out"
     shutil.copytree(finished, work)
     ckpt = (work / "ckpt.pt").read_bytes()
@@ -315,5 +315,6 @@ def test_a_finished_run_goes_straight_to_evaluation_even_after_overwrite(finishe
     (work / "eval.json").unlink()
     p = script("train.py", *TINY, f"--out_dir={work}")
     assert p.returncode == 0 and "already finished 3 iterations; evaluating it" in p.stdout and "grpo" not in p.stderr, p.stderr[-2000:]
+    assert "base GPT: reusing" in p.stdout
     assert json.loads((work / "eval.json").read_text())["results"] == first and (work / "ckpt.pt").read_bytes() == ckpt
     assert train.without(["--a=1", "--overwrite", "--b", "2", "--overwrite", "true", "--overwrite=1"], "--overwrite") == ["--a=1", "--b", "2"]
