@@ -15,8 +15,11 @@ Methods, all on the same frozen GPT, test episodes and controllable steps:
   search     N random schedules at the budget, the best on validation, reported on test
   heuristic  dense after a step whose prediction was uncertain (high entropy), cheapest otherwise
 """
+import io
 import json
-import os
+import shlex
+import shutil
+import signal
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -228,7 +231,9 @@ def pareto_plot(rows, path):
     plt.ylabel("test perplexity")
     plt.legend()
     plt.tight_layout()
-    plt.savefig(path, dpi=120)
+    png = io.BytesIO()
+    plt.savefig(png, format="png", dpi=120)
+    sol.save_atomic(png.getvalue(), path)
     return path
 
 
@@ -238,8 +243,8 @@ def shade(tokens, compute, html_path):
     print(line)
     spans = "".join(f'<span style="background: rgba(220,60,30,{c:.2f})" title="{c:.2f}">{t.replace("&", "&amp;").replace("<", "&lt;")}</span>'
                     for t, c in zip(tokens, compute))
-    Path(html_path).write_text(f"<html><body><pre style='font-size:15px'>{spans}</pre>"
-                               "<p>background: compute spent on the token (mean of keep, prune, bits/16)</p></body></html>")
+    sol.save_atomic(f"<html><body><pre style='font-size:15px'>{spans}</pre>"
+                    "<p>background: compute spent on the token (mean of keep, prune, bits/16)</p></body></html>", html_path)
 
 
 def main(argv):
@@ -250,10 +255,25 @@ def main(argv):
         raise UsageError(f"no trained policy at {out_dir / 'ckpt.pt'}; run python train.py --out_dir {out_dir} first")
     state = load_checkpoint(out_dir / "ckpt.pt", "policy")
     cfg = state["config"]
+    if state["iter"] < cfg["grpo"]["max_iters"]:
+        how = state.get("command", f"python train.py --out_dir {out_dir} <the flags it was started with>")
+        raise UsageError(f"{out_dir / 'ckpt.pt'} is a run stopped at GRPO iteration {state['iter']} of {cfg['grpo']['max_iters']} "
+                         f"(interrupted or killed); finish it with {how}{'' if '--resume' in how.split() else ' --resume'}, then evaluate")
+    if shutil.disk_usage(out_dir).free < 2**20:
+        raise UsageError(f"{out_dir} is on a file system with less than 1 MiB free, too little for eval.json; free some space")
     gcfg, acfg, pcfg = sol.GPTConfig(**cfg["gpt"]), sol.ActionConfig(**cfg["action"]), sol.PolicyConfig(**cfg["policy"])
     grid = sol.action_grid(acfg)
     if ec.dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype={ec.dtype} is not one of float32, bfloat16, float16")
+    for name in ("eval_episodes", "val_episodes", "eval_batch", "search_schedules", "bootstrap", "mc_questions"):
+        if getattr(ec, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(ec, name)}")
+    C, T, E, V = cfg["grpo"]["context_len"], cfg["grpo"]["rollout_len"], ec.eval_episodes, ec.val_episodes
+    lm_bytes = torch.finfo(getattr(torch, ec.dtype)).bits // 8
+    sol.check_memory([(f"evaluation with --eval_batch={ec.eval_batch}, --eval_episodes={E} and --val_episodes={V}",
+                       sol.n_params(lambda: sol.GPT(gcfg)) * lm_bytes + 2 * (E + V) * (C + T + 1) * 8
+                       + sol.episode_bytes(gcfg, min(ec.eval_batch, max(E, V)), 1, C, T, lm_bytes), "lower them"),
+                      (f"the bootstrap with --bootstrap={ec.bootstrap} and --eval_episodes={E}", 16 * ec.bootstrap * E, "lower --bootstrap")], "cpu")
     init = None
     if cfg.get("base_sha1"):  # trained on a pretrained checkpoint (runs from before --init_from lack the key)
         init = Path(ec.init_from or cfg["base"]).expanduser()
@@ -275,7 +295,6 @@ def main(argv):
     if init is None and meta["vocab_size"] != gcfg.vocab_size:
         raise UsageError(f"{dataset} has a vocabulary of {meta['vocab_size']} but the model of {out_dir} has {gcfg.vocab_size}; evaluate on its own dataset")
     g = cfg["grpo"]
-    C, T = g["context_len"], g["rollout_len"]
     enabled = [len(v) > 1 for v in (acfg.keep, acfg.prune, acfg.bits)]
     trained = [g["target_keep"] if g["target_keep"] is not None else g["target_budget"],
                g["target_prune"] if g["target_prune"] is not None else g["target_budget"],
@@ -299,20 +318,22 @@ def main(argv):
             raise UsageError(f"--mc file {ec.mc} does not exist; pass a JSONL file or --mc=synth")
         items = read_mc(ec.mc)[:ec.mc_questions]
 
-    def fixed_for(x):
-        mins = [min(acfg.keep), min(acfg.prune), min(acfg.bits) / 16]
-        return [max(x, m) if on else None for on, m in zip(enabled, mins)]
+    def fixed_for(b):  # the trained target (b None) or b on every axis, held to the grid's range (with a notice)
+        fixed, notices = sol.clamp_targets(acfg, trained if b is None else [b] * 3)
+        for line in notices:
+            print(line)
+        return fixed
 
     if ec.prompt:  # side-by-side generation
         enc = tokenizer(init, data_dir)
         ids = enc.encode_ordinary(ec.prompt)
         if not ids or len(ids) + ec.max_new_tokens > gcfg.block_size:
             raise UsageError(f"prompt plus --max_new_tokens must be 1..{gcfg.block_size} tokens (got {len(ids)} + {ec.max_new_tokens})")
-        fixed = trained if budgets[0] is None else fixed_for(budgets[0])
+        fixed = fixed_for(budgets[0])
         target = torch.tensor([1.0 if v is None else v for v in fixed])
-        lam = calibrate(model, policy, episodes(splits["val"], ec.val_episodes, C + T + 1), fixed, grid, acfg, C, ec.eval_batch)
+        cal = calibrate(model, policy, episodes(splits["val"], ec.val_episodes, C + T + 1), fixed, grid, acfg, C, ec.eval_batch)
         runs = {"dense": lambda: sol.dense_scheduler(grid),
-                "sol": lambda: sol.policy_scheduler(policy, greedy=True, bias=grid.budget @ lam)}
+                "sol": lambda: sol.policy_scheduler(policy, greedy=True, bias=sol.multiplier_bias(grid, *cal))}
         for name, make in runs.items():
             new, ach = generate(model, ids, ec.max_new_tokens, make, target, grid, acfg)
             x = torch.tensor([ids + new])
@@ -329,10 +350,10 @@ def main(argv):
     dense_nll, _, _ = run("test", torch.ones(3), lambda: sol.dense_scheduler(grid))
     rows, details = [], {}
     for b in budgets:
-        fixed = trained if b is None else fixed_for(b)
+        fixed = fixed_for(b)
         target = torch.tensor([1.0 if v is None else v for v in fixed])
-        lam = calibrate(model, policy, val, fixed, grid, acfg, C, ec.eval_batch, prefilled=pre["val"])
-        bias = grid.budget @ lam
+        cal = calibrate(model, policy, val, fixed, grid, acfg, C, ec.eval_batch, prefilled=pre["val"])
+        bias = sol.multiplier_bias(grid, *cal)
         res = {"sol": run("test", target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias))}
         ach = res["sol"][1].tolist()  # every baseline spends what SOL spent
         res["dense"] = (dense_nll, torch.ones(3), None)
@@ -353,14 +374,18 @@ def main(argv):
         print(f"{'method':<10} {'nll':>7} {'ppl':>8} {'dppl vs static [95% CI]':>28} {'keep':>6} {'prune':>6} {'bits':>6}")
         for m, (nll, a, _) in res.items():
             d, lo, hi = bootstrap_delta(nll, res["static"][0], ec.bootstrap, gen)
-            off = [ax for ax, i in zip(("keep", "prune", "bits"), range(3)) if enabled[i] and abs(a[i] - ach[i]) > 0.02]
-            flag = f"  OFF BUDGET: {', '.join(off)}" if off and m != "dense" else ""
+            asked = fixed if m == "sol" else [1.0] * 3 if m == "dense" else ach  # SOL: the target; the others: what SOL spent
+            off = sol.off_budget(a.tolist(), [x if on else None for x, on in zip(asked, enabled)])
+            flag = f"  OFF BUDGET: {', '.join(off)}" if off else ""
             print(f"{m:<10} {nll.mean():7.4f} {nll.mean().exp():8.3f} {d:+9.3f} [{lo:+.3f}, {hi:+.3f}]{'':>4} "
                   f"{a[0]:6.3f} {a[1]:6.3f} {a[2] * 16:6.2f}{flag}")
-            rows.append({"method": m, "budget": b, "target": axes(fixed if m == "sol" else (ach if m != "dense" else [1.0] * 3)),
-                         "achieved": axes(a.tolist()), "nll": nll.mean().item(), "ppl": nll.mean().exp().item(),
-                         "tokens": len(nll) * T, "dppl_vs_static": d, "dppl_ci95": [lo, hi],
-                         "off_budget": off if m != "dense" else [], "budget_multipliers": lam.tolist() if m == "sol" else None})
+            rows.append({"method": m, "budget": b, "target": axes(asked), "achieved": axes(a.tolist()), "nll": nll.mean().item(),
+                         "ppl": nll.mean().exp().item(), "tokens": len(nll) * T, "dppl_vs_static": d, "dppl_ci95": [lo, hi],
+                         "off_budget": off, "budget_multipliers": dict(zip(("lower", "upper", "upper_share"), (t.tolist() for t in cal)))
+                         if m == "sol" else None})
+        if any(r["off_budget"] for r in rows if r["budget"] == b):
+            print(f"OFF BUDGET: achieved more than {sol.BUDGET_TOL} (bits {sol.BUDGET_TOL * 16:g}) away from what the method was "
+                  "asked for (sol: the target; the others: sol's achieved budget)")
 
     # where the compute went
     b0 = budgets[len(budgets) // 2]
@@ -387,10 +412,10 @@ def main(argv):
 
     mc_report = None
     if items:
-        fixed = trained if b0 is None else fixed_for(b0)
+        fixed = fixed_for(b0)
         target = torch.tensor([1.0 if v is None else v for v in fixed])
-        lam = calibrate(model, policy, val, fixed, grid, acfg, C, ec.eval_batch, prefilled=pre["val"])
-        bias = grid.budget @ lam
+        cal = calibrate(model, policy, val, fixed, grid, acfg, C, ec.eval_batch, prefilled=pre["val"])
+        bias = sol.multiplier_bias(grid, *cal)
         mc_report = {}
         for m, make in (("sol", lambda: sol.policy_scheduler(policy, greedy=True, bias=bias)),
                         ("static", lambda: sol.static_scheduler(acfg, target.tolist())),
@@ -406,15 +431,22 @@ def main(argv):
               "episodes": {"val": len(val), "test": len(test), "steps_per_episode": T},
               "results": rows, "allocation": report_alloc, "multiple_choice": mc_report,
               "search": {str(b): d["search"] for b, d in details.items()}}
-    tmp = out_dir / "eval.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out_dir / "eval.json")
+    sol.save_atomic(json.dumps(report, indent=2), out_dir / "eval.json")
     print(f"wrote {out_dir / 'eval.json'}" + (f" and {png}" if png else ""))
 
 
+def on_signal(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, on_signal)  # as SIGINT: unwind, so no file is left half-written
     try:
         main(sys.argv[1:])
-    except (UsageError, ValueError, FileNotFoundError, PermissionError) as e:
+    except (UsageError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        sig = signal.Signals(e.args[0] if e.args else signal.SIGINT)
+        print(f"{sig.name}: evaluation stopped, eval.json not (re)written; python {shlex.join(sys.argv)} evaluates again", file=sys.stderr)
+        sys.exit(128 + sig)

@@ -7,8 +7,10 @@ bit-width of the MLP output (bits) -- and the small causal-transformer policy th
 actions. The episode runner at the bottom decodes a teacher-forced episode under any scheduler:
 the policy, dense, or static allocation.
 """
+import io
 import itertools
 import math
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -604,6 +606,29 @@ def axis_lists(acfg):
     return ((acfg.keep, 1.0), (acfg.prune, 1.0), (acfg.bits, 16.0))  # each with the scale of its dense value
 
 
+AXES = ("keep", "prune", "bits")
+BUDGET_TOL = 0.02  # an achieved budget fraction within this of the one asked for meets it (bits: 0.32 bits)
+
+
+def clamp_targets(acfg, asked):
+    """Requested budget fractions (keep, prune, bits/16) held to what the grid can reach: None for an axis whose
+    list holds its dense value alone (held dense), the cheapest value for a request below it. Returns the
+    targets and one notice line per request that was raised."""
+    out, notices = [], []
+    for name, b, (values, scale) in zip(AXES, asked, axis_lists(acfg)):
+        floor = min(values) / scale
+        if len(values) > 1 and b < floor - 1e-9:
+            notices.append(f"notice: the {name} target {b * scale:g} is below the grid's cheapest {name} {min(values):g}, "
+                           f"so it is held to {min(values):g}; extend --{name} to go lower")
+        out.append(max(b, floor) if len(values) > 1 else None)
+    return out, notices
+
+
+def off_budget(achieved, asked, tol=BUDGET_TOL):
+    """The axes on which achieved budget fractions (3,) miss the ones asked for (3, None = axis held dense) by more than tol."""
+    return [name for name, a, b in zip(AXES, achieved, asked) if b is not None and abs(float(a) - b) > tol]
+
+
 def static_scheduler(acfg, achieved):
     """The same setting every step: on each axis, the two grid values around the requested budget
     fraction, mixed in a fixed round-robin (over all rows and steps) so their average hits it."""
@@ -620,9 +645,20 @@ def static_scheduler(acfg, achieved):
     return pick
 
 
+def multiplier_bias(grid, lower, upper, share):
+    """The logit bias of budget-calibrated greedy decoding (see calibrate in train.py), a function (t, N) -> (N, A):
+    lam . budget(a), where on each axis a share of the steps takes the upper multiplier and the rest the lower
+    one, in static_scheduler's fixed round-robin over all rows and steps. lower, upper, share: (3,) each."""
+    def bias(t, N):
+        n = (t * N + torch.arange(N, device=lower.device)).double()[:, None]  # (N, 1)
+        up = torch.floor((n + 1) * share.double()) > torch.floor(n * share.double())  # (N, 3)
+        return torch.where(up, upper, lower) @ grid.budget.T  # (N, A)
+    return bias
+
+
 def policy_scheduler(policy, greedy, generator=None, bias=None, shard=(0, 1)):
-    """The learned schedule: sample (training rollouts) or take the argmax (evaluation). bias (A,) is added
-    to the logits: evaluation uses it to steer greedy decoding onto the budget (see calibrate in train.py).
+    """The learned schedule: sample (training rollouts) or take the argmax (evaluation). bias, (A,) or a function
+    (t, N) -> (N, A), is added to the logits: evaluation uses it to steer greedy decoding onto the budget.
     shard (rank, world): these rows are part `rank` of `world` equal parts of a larger batch, one per
     data-parallel process; every process draws the whole batch's noise, so each samples what one would."""
     cache = None
@@ -633,7 +669,7 @@ def policy_scheduler(policy, greedy, generator=None, bias=None, shard=(0, 1)):
             cache = policy.new_cache(obs["emb"].size(0))
         logits = policy(*(obs[k][:, None] for k in ("h_prev", "emb", "scalars", "prev_action")), cache)[:, -1]
         if bias is not None:
-            logits = logits + bias
+            logits = logits + (bias(t, logits.size(0)) if callable(bias) else bias)
         if greedy:
             return logits.argmax(-1)
         probs = F.softmax(logits.float() / policy.pcfg.temperature, -1)
@@ -643,3 +679,78 @@ def policy_scheduler(policy, greedy, generator=None, bias=None, shard=(0, 1)):
         noise = torch.empty(world * N, probs.size(1), device=probs.device).exponential_(generator=generator)
         return (probs / noise[rank * N:(rank + 1) * N]).argmax(-1)
     return pick
+
+# -----------------------------------------------------------------------------
+# resources: memory estimates checked before allocating, and files written whole or not at all
+
+
+def n_params(make):
+    """Parameters of the module make() builds, counted on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in make().parameters())
+
+
+def episode_bytes(cfg, B, K, C, T, lm_bytes=4, keep_logprobs=False):
+    """A rough upper bound on the memory one batch of episodes takes beyond the weights: B rows prefilled over C
+    tokens, then T decode steps of B*K rows that read that prefix (KVCache.fork); keep_logprobs: every step's
+    log-probs over the vocabulary kept (the KL reward)."""
+    kv = 2 * cfg.n_layer * (cfg.n_embd // cfg.n_head) * (cfg.n_kv_head or cfg.n_head) * lm_bytes  # one position's keys and values
+    act = 4 * (10 * cfg.n_embd + 4 * cfg.mlp_hidden + 2 * cfg.n_head * (C + T))  # one token in one layer, attention scores included
+    prefill = B * C * (kv + act + 8)
+    steps = B * K * (T * kv + act + 16 * cfg.vocab_size + 4 * T * (4 * cfg.n_embd + 16 + cfg.vocab_size * keep_logprobs))
+    return prefill + steps  # steps: the rows' own cache, a step's logits and log-softmax, the inputs kept per step
+
+
+def pretrain_bytes(cfg, n, B):
+    """Pretraining's peak: weights, gradients and AdamW's two moments of n float32 parameters, and the activations
+    of B windows of block_size tokens kept for the backward pass."""
+    per_token = 4 * (cfg.n_layer * (16 * cfg.n_embd + 6 * cfg.mlp_hidden + 2 * cfg.n_head * cfg.block_size) + 4 * cfg.vocab_size)
+    return 16 * n + B * cfg.block_size * per_token
+
+
+def free_memory(device):
+    """Bytes free for new allocations: the GPU's free memory under CUDA, else what the OS reports as available
+    (Linux's MemAvailable, elsewhere the free or else the total physical pages); None if nothing says."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf(pages)
+        except (ValueError, OSError, AttributeError):
+            pass
+    return None
+
+
+def check_memory(needs, device):
+    """needs: (what, bytes, fix) for each phase. Raises ValueError, one line, for the first that cannot fit."""
+    free = free_memory(device)
+    for what, need, fix in needs:
+        if free is not None and need > free:
+            raise ValueError(f"{what} needs about {need / 2**30:.1f} GiB of memory, more than the {free / 2**30:.1f} GiB "
+                             f"free on {device}; {fix}")
+
+
+def save_atomic(obj, path):
+    """Write obj (bytes, text, or anything torch.save takes) to path through a temporary file and a rename: an
+    interrupted or failed write (a full disk) leaves any earlier file whole and nothing half-written beside it."""
+    if isinstance(obj, (str, bytes)):
+        data = obj.encode() if isinstance(obj, str) else obj
+    else:
+        buf = io.BytesIO()
+        torch.save(obj, buf)  # in memory first: torch.save reports a full disk as an opaque RuntimeError
+        data = buf.getvalue()
+    tmp = Path(f"{path}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(f"cannot write {path} ({e.strerror or e}); any earlier {Path(path).name} is intact: "
+                          "free some space or write elsewhere") from None
+        raise

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -106,6 +107,15 @@ CHOICES = {"reward_agg": ("sum", "max"), "adv_level": ("process", "outcome"), "a
            "dtype": ("float32", "bfloat16", "float16")}
 # GPTConfig fields that come from the dataset or a checkpoint, never from flags
 ARCH = ("n_kv_head", "norm", "norm_eps", "mlp", "pos", "bias", "tie_embeddings", "rope_scaling")
+# (flags, test, what the test asks): values that would crash a run, or train something meaningless
+LIMITS = [(("max_iters", "batch_size", "context_len", "rollout_len", "grad_accum", "ppo_epochs", "ckpt_interval", "pretrain_batch",
+            "eval_episodes", "eval_batch", "block_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "width", "heads", "depth",
+            "act_emb", "scalar_hidden", "max_steps", "page_size"), lambda v: v >= 1, "at least 1"),
+          (("pretrain_iters", "sinks", "window"), lambda v: v >= 0, "at least 0"),
+          (("lr", "pretrain_lr", "clip_eps", "grad_clip", "temperature", "rope_theta"), lambda v: v > 0, "positive"),
+          (("ent_coef", "kl_coef", "alpha_keep", "alpha_prune", "alpha_bits", "budget_tol"), lambda v: v >= 0, "at least 0"),
+          (("gamma", "task_w_kl"), lambda v: 0 <= v <= 1, "in [0, 1]")]
+DEFAULTS = {f.name: f.default for cfg in (TrainConfig, GRPOConfig, GPTConfig, ActionConfig, PolicyConfig) for f in fields(cfg)}
 
 
 class UsageError(Exception):
@@ -178,19 +188,18 @@ def parse_args(argv, cfgs):
 
 
 def targets(g, acfg):
-    """The requested budget per axis as fractions of dense (keep, prune, bits/16); None for an axis held dense."""
+    """The requested budget per axis as fractions of dense (keep, prune, bits/16); None for an axis held dense.
+    A request below the grid's cheapest value is held to it, with a notice."""
     asked = (g.target_keep if g.target_keep is not None else g.target_budget,
              g.target_prune if g.target_prune is not None else g.target_budget,
              g.target_bits / 16 if g.target_bits is not None else g.target_budget)
-    out = []
-    for name, value, grid in zip(("keep", "prune", "bits"), asked, (acfg.keep, acfg.prune, acfg.bits)):
-        lo = min(grid) / (16 if name == "bits" else 1)
+    for name, value in zip(sol.AXES, asked):
         if not 0 < value <= 1:
             raise UsageError(f"the {name} target must lie in (0, 1] (bits: in (0, 16]), got {value}; e.g. --target_budget=0.5")
-        if value < lo - 1e-9 and len(grid) > 1:
-            raise UsageError(f"the {name} target {value:g} is below the grid's cheapest {name} {lo:g}; raise it or extend --{name}")
-        out.append(value if len(grid) > 1 else None)
-    return out
+    fixed, notices = sol.clamp_targets(acfg, asked)
+    for line in notices:
+        print(line)
+    return fixed
 
 
 def validate(tc, g, gcfg, acfg, pcfg):
@@ -205,13 +214,15 @@ def validate(tc, g, gcfg, acfg, pcfg):
                 raise UsageError(f"--{name}={getattr(cfg, name)} is not one of {', '.join(allowed)}")
     if g.rollouts < 2:
         raise UsageError("GRPO compares rollouts of the same sequence, so --rollouts must be at least 2")
-    positive = ("max_iters", "batch_size", "context_len", "rollout_len", "grad_accum", "ppo_epochs", "ckpt_interval")
-    for name in positive:
-        if getattr(g, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(g, name)}")
-    for name in ("pretrain_batch", "eval_episodes", "eval_batch"):
-        if getattr(tc, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(tc, name)}")
+    values = {f.name: getattr(cfg, f.name) for cfg in (tc, g, gcfg, acfg, pcfg) for f in fields(cfg)}
+    for names, ok, what in LIMITS:
+        for name in names:
+            if not ok(values[name]):
+                raise UsageError(f"--{name} must be {what}, got {values[name]}; the default is {DEFAULTS[name]}")
+    for name, top in (("keep_range", 1), ("prune_range", 1), ("bits_range", 16)):
+        r = values[name]
+        if len(r) != 2 or not 0 < r[0] <= r[1] <= top:
+            raise UsageError(f"--{name} must be two numbers lo,hi with 0 < lo <= hi <= {top}, got {','.join(map(str, r))}")
     if g.context_len + g.rollout_len > gcfg.block_size:
         raise UsageError(f"context_len + rollout_len = {g.context_len + g.rollout_len} exceeds the model's block_size "
                          f"{gcfg.block_size}; lower --context_len or raise --block_size")
@@ -253,8 +264,11 @@ def load_dataset(name, checkpoint=None):
     elif text:
         from data.text import prepare_text
         path = Path(name).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise UsageError(f"dataset file {name} does not exist; pass an existing .txt file, or --dataset=synth")
+        if not path.is_file():
+            kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+            raise UsageError(f"--dataset={name} is {kind}; pass a .txt file of text, or --dataset=synth")
         digest = hashlib.sha1(path.read_bytes()).hexdigest()[:10]
         tokenizer = None if checkpoint is None else pretrained.tokenizer_file(checkpoint)  # None: GPT-2's BPE
         if tokenizer is not None:  # the cache is keyed by the tokenizer's file too: another tokenizer, other tokens
@@ -282,13 +296,7 @@ def random_windows(data, n, length, rng):
     return torch.from_numpy(np.stack([data[s:s + length].astype(np.int64) for s in starts]))
 
 # -----------------------------------------------------------------------------
-# checkpoints: written to a temporary file, then renamed, so a crash never leaves half a file
-
-
-def save_atomic(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# checkpoints: written whole or not at all (sol.save_atomic)
 
 
 def rng_state(rng):
@@ -308,7 +316,7 @@ def load_checkpoint(path, what):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"cannot read the {what} checkpoint {path} ({type(e).__name__}); delete it to start over")
+        raise UsageError(f"cannot read the {what} checkpoint {path}: truncated or corrupt ({type(e).__name__}); delete it to start over")
 
 
 def autocast(device):
@@ -350,7 +358,7 @@ def pretrain(model, splits, tc, device, partial, every):
         if it % 20 == 0:
             pbar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
         if (it + 1) % every == 0 or STOP["signal"]:
-            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "iter": it + 1, "rng": rng_state(rng)}, partial)
+            sol.save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "iter": it + 1, "rng": rng_state(rng)}, partial)
             if STOP["signal"]:
                 pbar.close()
                 return None
@@ -457,26 +465,42 @@ def calibrate(model, policy, eps, fixed, grid, acfg, C, batch, steps=8, prefille
     """Greedy decoding takes the policy's mode, which can sit off the requested budget: an axis that costs no
     quality gets its cheapest value even when the sampled schedules average to the target. A Lagrange
     multiplier per axis, lam, adds lam . budget(a) to the logits; bisect each on the validation episodes until
-    the greedy schedule's achieved budget meets the target. Only the budget is calibrated, never quality."""
+    the greedy schedule's achieved budget meets the target. The achieved budget is a step function of lam and
+    can jump across the target: on such an axis a share of the steps takes the upper end of lam's last bracket
+    and the rest its lower end (sol.multiplier_bias), and that share is bisected in turn. Only the budget is
+    calibrated, never quality. Returns the lower and upper multipliers and the upper one's share, (3,) each."""
     target = torch.tensor([1.0 if v is None else v for v in fixed], device=eps.device)
-    lam = torch.zeros(3, device=eps.device)
+    lower, upper, share = (torch.zeros(3, device=eps.device) for _ in range(3))
+    scheduler = lambda: sol.policy_scheduler(policy, greedy=True, bias=sol.multiplier_bias(grid, lower, upper, share))
     prefilled = prefilled or sol.prefill_batches(model, eps, C, batch)  # one prefill for all the bisection's decodes
+    spent = lambda: sol.decode(model, eps, target, scheduler, grid, acfg, C, batch, prefilled)[1]
+
+    def bisect(x, axis, lo, hi):  # the budget grows with x[axis]; returns the last bracket
+        for _ in range(steps):
+            x[axis] = (lo + hi) / 2
+            lo, hi = (x[axis].item(), hi) if spent()[axis] < target[axis] else (lo, x[axis].item())
+        x[axis] = (lo + hi) / 2
+        return lo, hi
+
+    on = [i for i in range(3) if fixed[i] is not None]
+    brackets = {}
     for _ in range(2):  # the axes interact a little: two rounds of coordinate bisection
-        for axis in (i for i in range(3) if fixed[i] is not None):
-            lo, hi = -20.0, 20.0
-            for _ in range(steps):
-                lam[axis] = (lo + hi) / 2
-                scheduler = lambda: sol.policy_scheduler(policy, greedy=True, bias=grid.budget.to(lam.device) @ lam)
-                achieved = sol.decode(model, eps, target, scheduler, grid, acfg, C, batch, prefilled)[1]
-                lo, hi = (lam[axis].item(), hi) if achieved[axis] < target[axis] else (lo, lam[axis].item())
-            lam[axis] = (lo + hi) / 2
-    return lam
+        for axis in on:
+            brackets[axis] = bisect(lower, axis, -20.0, 20.0)
+    upper.copy_(lower)
+    missed = (spent() - target).abs() > sol.BUDGET_TOL / 2  # aim within half the tolerance: test episodes differ a little
+    for axis in on:
+        if missed[axis]:  # no one multiplier meets the target: mix the two around the jump
+            lower[axis], upper[axis] = brackets[axis]
+            bisect(share, axis, 0.0, 1.0)
+    return lower, upper, share
 
 
-def evaluate(model, policy, eps, fixed, grid, acfg, C, batch, lam):
-    """SOL (greedy, budget-calibrated), dense, and static at SOL's achieved budget, on the same episodes."""
+def evaluate(model, policy, eps, fixed, grid, acfg, C, batch, cal):
+    """SOL (greedy, budget-calibrated), dense, and static at SOL's achieved budget, on the same episodes. Each
+    method's achieved budget is checked against what it was asked for: off_budget lists the axes it missed."""
     target = torch.tensor([1.0 if v is None else v for v in fixed], device=eps.device)
-    bias = grid.budget.to(eps.device) @ lam
+    bias = sol.multiplier_bias(grid, *cal)
     pre = sol.prefill_batches(model, eps, C, batch)
     nll, achieved, _ = sol.decode(model, eps, target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias), grid, acfg, C, batch, pre)
     rows = [("sol", fixed, nll, achieved)]
@@ -486,8 +510,39 @@ def evaluate(model, policy, eps, fixed, grid, acfg, C, batch, lam):
     nll, static, _ = sol.decode(model, eps, target, lambda: sol.static_scheduler(acfg, matched), grid, acfg, C, batch, pre)
     rows.append(("static", matched, nll, static))
     T = eps.size(1) - C - 1
-    return [{"method": m, "target": axes(t), "achieved": axes(a.tolist()), "nll": n.mean().item(),
-             "ppl": math.exp(n.mean().item()), "tokens": n.numel() * T} for m, t, n, a in rows]
+    asked = lambda t: [x if v is not None else None for x, v in zip(t, fixed)]  # axes held dense are not checked
+    return [{"method": m, "target": axes(t), "achieved": axes(a.tolist()), "off_budget": sol.off_budget(a.tolist(), asked(t)),
+             "nll": n.mean().item(), "ppl": math.exp(n.mean().item()), "tokens": n.numel() * T} for m, t, n, a in rows]
+
+
+def check_resources(tc, g, gcfg, pcfg, n_actions, device, world, pretraining, parent):
+    """Refuse, before allocating anything, a run whose rough peak memory exceeds what the device has free (every
+    process's share, all of them on one CPU), or whose checkpoint cannot fit where it is to be saved."""
+    lm_bytes = torch.finfo(getattr(torch, tc.dtype)).bits // 8
+    n_lm, n_pol = sol.n_params(lambda: sol.GPT(gcfg)), sol.n_params(lambda: sol.Policy(pcfg, gcfg.n_embd, n_actions))
+    B, K, C, T, E = g.batch_size // world, g.rollouts, g.context_len, g.rollout_len, tc.eval_episodes
+    weights = n_lm * lm_bytes
+    update = 16 * n_pol + B * K * T * 4 * (40 * pcfg.width + 8 * n_actions)  # AdamW's state; the replay kept for backward
+    needs = [(f"the GPT ({n_lm:,} parameters in {tc.dtype})", weights, "choose a smaller model"),
+             (f"pretraining with --pretrain_batch={tc.pretrain_batch}", sol.pretrain_bytes(gcfg, n_lm, tc.pretrain_batch) * pretraining,
+              "lower --pretrain_batch"),
+             (f"GRPO with --batch_size={g.batch_size} and --rollouts={K}",
+              weights + update + sol.episode_bytes(gcfg, B, K, C, T, lm_bytes, g.task_w_kl > 0), "lower --batch_size or --rollouts"),
+             (f"the evaluation with --eval_batch={tc.eval_batch} and --eval_episodes={E}",
+              weights + sol.episode_bytes(gcfg, min(tc.eval_batch, E), 1, C, T, lm_bytes) + 2 * E * (C + T + 1) * 8,
+              "lower --eval_batch or --eval_episodes")]
+    sol.check_memory([(what, need * (world if device == "cpu" else 1), fix) for what, need, fix in needs], device)
+    ckpt = 32 * n_pol + 2**20  # the policy, its initial copy and AdamW's moments in float32, twice while replaced; headroom
+    free = shutil.disk_usage(parent).free
+    if free < ckpt:
+        raise UsageError(f"--out_dir={tc.out_dir} is on a file system with {free / 2**20:.1f} MiB free, too little for a "
+                         f"checkpoint (about {ckpt / 2**20:.1f} MiB); free some space or choose another --out_dir")
+
+
+def without(argv, flag):
+    """argv less a boolean flag, in any of its forms: --flag, --flag=value, --flag value."""
+    is_value = lambda i: i > 0 and argv[i - 1] == flag and not argv[i].startswith("--")
+    return [a for i, a in enumerate(argv) if a.split("=")[0] != flag and not is_value(i)]
 
 # -----------------------------------------------------------------------------
 
@@ -505,11 +560,16 @@ def main(argv):
     if tc.resume and not ckpt_path.exists():
         raise UsageError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
     if ckpt_path.exists() and not (tc.resume or tc.overwrite):
-        raise UsageError(f"{out_dir} already holds a run; pass --resume to continue it, --overwrite to start over, or another --out_dir")
+        done = load_checkpoint(ckpt_path, "policy")["iter"]
+        if done < g.max_iters:
+            raise UsageError(f"{out_dir} already holds a run, stopped at GRPO iteration {done} of {g.max_iters}; pass --resume "
+                             "to continue it, --overwrite to start over, or another --out_dir")
+        tc.resume = True  # a finished run goes straight to evaluation, its config checked as for --resume
     parent = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
     if not (parent.is_dir() and os.access(parent, os.W_OK)):
         raise UsageError(f"cannot write to --out_dir={out_dir} ({parent} is not a writable folder); choose another --out_dir")
     cmd = shlex.join(["python", "train.py", *argv])  # a resumed run may use any number of processes
+    rerun = shlex.join(["python", "train.py", *without(argv, "--overwrite")])  # a finished run: evaluated again
 
     # data parallel under torchrun: one process per GPU (or several on a CPU), each taking an equal share of
     # every batch; gradients are averaged, and rank 0 alone prepares data, pretrains, saves, logs and evaluates
@@ -564,6 +624,7 @@ def main(argv):
     key = json.dumps([gpt_config(gcfg), meta, tc.pretrain_iters, tc.pretrain_batch, tc.pretrain_lr, tc.seed], sort_keys=True)
     base_path = init or data_dir / f"base-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
     base_sha1 = pretrained.digest(init) if init else None
+    check_resources(tc, g, gcfg, pcfg, len(grid.tags), device, world, init is None and not base_path.exists(), parent)
     t0 = time.time()
     model = pretrained.load(init, getattr(torch, tc.dtype), device) if init else sol.GPT(gcfg).to(device)
     partial = Path(f"{base_path}.partial")
@@ -583,7 +644,7 @@ def main(argv):
         val = pretrain(model, splits, tc, device, partial, g.ckpt_interval)
         if val is None:
             stop(partial, f"the same command again: {cmd}")
-        save_atomic({"model": model.state_dict(), "config": gpt_config(gcfg), "val_loss": val}, base_path)
+        sol.save_atomic({"model": model.state_dict(), "config": gpt_config(gcfg), "val_loss": val}, base_path)
         print(f"base GPT: saved to {base_path} after {time.time() - t0:.0f} s")
     partial.unlink(missing_ok=True)
     model.eval().requires_grad_(False).to(getattr(torch, tc.dtype))
@@ -628,8 +689,8 @@ def main(argv):
         if not master:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_atomic({"policy": policy.state_dict(), "optimizer": opt.state_dict(), "iter": it, "config": config,
-                     "initial_policy": initial, "skipped": skipped, "rng": rng_state(rng)}, ckpt_path)
+        sol.save_atomic({"policy": policy.state_dict(), "optimizer": opt.state_dict(), "iter": it, "config": config,
+                         "initial_policy": initial, "skipped": skipped, "rng": rng_state(rng), "command": cmd}, ckpt_path)
 
     # 3. GRPO
     # B sequences per process. Every process draws the whole batch (all generators stay in step, so the
@@ -637,7 +698,8 @@ def main(argv):
     B, K = g.batch_size // world, g.rollouts
     rows = slice(rank * B, (rank + 1) * B)
     trained = DDP(policy, device_ids=[local] if device == "cuda" else None) if ddp else policy
-    pbar = tqdm(range(start, g.max_iters), desc="grpo", dynamic_ncols=True, initial=start, total=g.max_iters, disable=not master)
+    pbar = tqdm(range(start, g.max_iters), desc="grpo", dynamic_ncols=True, initial=start, total=g.max_iters,
+                disable=not master or start >= g.max_iters)
     for it in pbar:
         opt.zero_grad(set_to_none=True)
         for micro in range(g.grad_accum):
@@ -690,8 +752,7 @@ def main(argv):
     if skipped:
         print(f"warning: {skipped} of {g.max_iters} GRPO updates were skipped for non-finite rewards, advantages or losses")
     if start >= g.max_iters:
-        print(f"{ckpt_path} already finished {start} iterations; evaluating it")
-    save(max(start, g.max_iters))
+        print(f"{ckpt_path} already finished {start} iterations; evaluating it (--overwrite trains a new one)")
     if ddp:
         dist.destroy_process_group()
         if not master:
@@ -699,22 +760,38 @@ def main(argv):
 
     # 4. held-out evaluation at the target: calibrate greedy decoding's budget on val, report on test
     policy.eval()
-    lam = calibrate(model, policy, episodes(splits["val"], tc.eval_episodes // 2, C + T + 1).to(device), fixed, grid, acfg, C, tc.eval_batch)
+    try:
+        evaluate_and_report(model, policy, splits, fixed, grid, acfg, C, T, tc, config, out_dir)
+    except KeyboardInterrupt:
+        print(f"{signal.Signals(STOP['signal'] or signal.SIGINT).name}: stopped during the final evaluation, {out_dir / 'eval.json'} "
+              f"not (re)written; {ckpt_path} holds the finished policy: {rerun} evaluates it again", file=sys.stderr)
+        sys.exit(128 + (STOP["signal"] or signal.SIGINT))
+    print(f"wrote {out_dir / 'eval.json'} and {ckpt_path}")
+
+
+def evaluate_and_report(model, policy, splits, fixed, grid, acfg, C, T, tc, config, out_dir):
+    """Calibrate greedy decoding's budget on val, evaluate on test, print the table and write eval.json."""
+    device = model.lm_head.weight.device
+    cal = calibrate(model, policy, episodes(splits["val"], tc.eval_episodes // 2, C + T + 1).to(device), fixed, grid, acfg, C, tc.eval_batch)
     eps = episodes(splits["test"], tc.eval_episodes, C + T + 1).to(device)
-    results = evaluate(model, policy, eps, fixed, grid, acfg, C, tc.eval_batch, lam)
+    results = evaluate(model, policy, eps, fixed, grid, acfg, C, tc.eval_batch, cal)
+    lower, upper, share = (t.tolist() for t in cal)
     print(f"\ntest split, {len(eps)} episodes x {T} controlled steps, greedy policy, budget multipliers "
-          f"{', '.join(f'{v:+.2f}' for v in lam.tolist())} (fit on val), seed {tc.seed}")
+          + ", ".join(f"{name} {lo:+.2f}" + (f" / {hi:+.2f} on {f:.0%} of steps" if f else "")
+                      for name, v, lo, hi, f in zip(sol.AXES, fixed, lower, upper, share) if v is not None)
+          + f" (fit on val), seed {tc.seed}")
     print(f"{'method':<8} {'nll':>7} {'ppl':>8} {'keep':>6} {'prune':>6} {'bits':>6}")
     for r in results:
         a = r["achieved"]
-        print(f"{r['method']:<8} {r['nll']:7.4f} {r['ppl']:8.3f} {a['keep']:6.3f} {a['prune']:6.3f} {a['bits']:6.2f}")
-    report = {"dataset": tc.dataset, "seed": tc.seed, "config": config, "budget_multipliers": lam.tolist(),
+        flag = f"  OFF BUDGET: {', '.join(r['off_budget'])}" if r["off_budget"] else ""
+        print(f"{r['method']:<8} {r['nll']:7.4f} {r['ppl']:8.3f} {a['keep']:6.3f} {a['prune']:6.3f} {a['bits']:6.2f}{flag}")
+    if any(r["off_budget"] for r in results):
+        print(f"OFF BUDGET: achieved more than {sol.BUDGET_TOL} (bits {sol.BUDGET_TOL * 16:g}) away from what the method was "
+              "asked for (sol: the target; static: sol's achieved budget)")
+    report = {"dataset": tc.dataset, "seed": tc.seed, "config": config, "budget_multipliers": {"lower": lower, "upper": upper, "upper_share": share},
               "episodes": {"calibration (val)": tc.eval_episodes // 2, "test": len(eps)}, "results": results}
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "eval.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out_dir / "eval.json")
-    print(f"wrote {out_dir / 'eval.json'} and {ckpt_path}")
+    sol.save_atomic(json.dumps(report, indent=2), out_dir / "eval.json")
 
 
 if __name__ == "__main__":

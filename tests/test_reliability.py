@@ -118,8 +118,8 @@ def test_finished_run_is_kept_unless_overwrite(finished, tmp_path, capsys):
     work = tmp_path / "out"
     shutil.copytree(finished, work)
     before = {f: (work / f).read_bytes() for f in ("ckpt.pt", "eval.json")}
-    with pytest.raises(train.UsageError, match="already holds a run.*--resume.*--overwrite"):
-        train.main([*TINY, f"--out_dir={work}"])
+    with pytest.raises(train.UsageError, match="already holds a run, stopped at GRPO iteration 3 of 4; pass --resume.*--overwrite"):
+        train.main([*TINY, f"--out_dir={work}", "--max_iters=4"])
     assert {f: (work / f).read_bytes() for f in before} == before
     capsys.readouterr()
     train.main([*TINY, f"--out_dir={work}", "--overwrite"])
@@ -248,7 +248,22 @@ def more_bad_cases(tmp):
         (["--eval_episodes=0"], "--eval_episodes must be at least 1"),
         (["--ckpt_interval=-1"], "--ckpt_interval must be at least 1"),
         ([f"--dataset={latin1}"], "is not UTF-8"),
-        ([f"--dataset={tmp}"], "does not exist"),  # a folder
+        ([f"--dataset={tmp}"], "is a folder; pass a .txt file"),
+        (["--dataset=/dev/null"], "--dataset=/dev/null is not a regular file (a device, pipe or socket)"),
+        (["--clip_eps=-1"], "--clip_eps must be positive, got -1.0"),
+        (["--temperature=0"], "--temperature must be positive, got 0.0"),
+        (["--lr=0"], "--lr must be positive"),
+        (["--ent_coef=-0.05"], "--ent_coef must be at least 0"),
+        (["--kl_coef=-1"], "--kl_coef must be at least 0"),
+        (["--gamma=1.5"], "--gamma must be in [0, 1]"),
+        (["--task_w_kl=-0.1"], "--task_w_kl must be in [0, 1]"),
+        (["--alpha_bits=-200"], "--alpha_bits must be at least 0"),
+        (["--grad_clip=0"], "--grad_clip must be positive"),
+        (["--n_layer=0"], "--n_layer must be at least 1"),
+        (["--page_size=0"], "--page_size must be at least 1"),
+        (["--sinks=-1"], "--sinks must be at least 0"),
+        (["--keep_range=0.9,0.2"], "--keep_range must be two numbers lo,hi with 0 < lo <= hi <= 1"),
+        (["--bits_range=5"], "--bits_range must be two numbers"),
         ([f"--out_dir={a_file / 'x'}"], "not a writable folder"),  # a path under a regular file, even as root
         ([f"--out_dir={empty_ckpt}", "--resume"], "cannot read the policy checkpoint"),
     ]

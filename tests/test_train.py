@@ -85,7 +85,6 @@ def bad_cases(tmp):
         (["--target_budget=1.5"], "target"),
         (["--target_budget=0"], "target"),
         (["--target_budget=abc"], "not a number"),
-        (["--target_bits=2"], "below the grid"),
         (["--no_such_flag=1"], "unknown option"),
         (["stray"], "unexpected argument"),
         (["--max_iters"], "needs a value"),
@@ -121,8 +120,10 @@ def test_bad_checkpoints_are_refused_and_kept(tiny_run, tmp_path):
     work = tmp_path / "out"
     shutil.copytree(out, work)
     before = (work / "ckpt.pt").read_bytes()
-    p = run(*TINY, f"--out_dir={work}")  # a finished run is not overwritten by accident
-    assert p.returncode == 2 and "--resume" in p.stderr and (work / "ckpt.pt").read_bytes() == before
+    p = run(*TINY, f"--out_dir={work}")  # a finished run is evaluated again, never overwritten by accident
+    assert p.returncode == 0 and "evaluating it" in p.stdout and (work / "ckpt.pt").read_bytes() == before
+    p = run(*TINY, f"--out_dir={work}", "--max_iters=5")  # asked for more: continuing needs --resume
+    assert p.returncode == 2 and "stopped at GRPO iteration 3 of 5; pass --resume" in p.stderr and (work / "ckpt.pt").read_bytes() == before
     p = run(*TINY, f"--out_dir={work}", "--resume", "--width=32")
     assert p.returncode == 2 and "width" in p.stderr and (work / "ckpt.pt").read_bytes() == before
     (work / "ckpt.pt").write_bytes(b"not a checkpoint")
