@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 import pretrained
+import grpo
 import sol
-import train
+from cli import UsageError, parse_args
 from sol import ActionConfig, GPTConfig, PolicyConfig
 
 
@@ -96,34 +97,20 @@ def pretrain_speed(gcfg, bc, device):
 
 
 def grpo_setup(gcfg, bc, device, K):
-    """A frozen GPT, a fresh policy and one GRPO step as train.py takes it (one PPO epoch: ratio 1)."""
+    """A frozen GPT, a fresh policy and grpo.iteration, the training step itself, on random token sequences."""
     torch.manual_seed(bc.seed)
-    acfg, pcfg, g = ActionConfig(), PolicyConfig(), train.GRPOConfig(rollouts=K, batch_size=bc.batch_size)
-    grid, fixed = sol.action_grid(acfg), train.targets(g, acfg)
+    acfg, pcfg = ActionConfig(), PolicyConfig()
+    cfg = grpo.GRPOConfig(rollouts=K, batch_size=bc.batch_size, context_len=bc.context_len, rollout_len=bc.rollout_len)
+    grid, requested = sol.action_grid(acfg), grpo.targets(cfg, acfg)
+    grid = grid._replace(values=grid.values.to(device), budget=grid.budget.to(device))
     model = sol.GPT(gcfg).to(device, getattr(torch, bc.dtype)).eval().requires_grad_(False)
-    policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.tags)).to(device)
-    opt = torch.optim.AdamW(policy.parameters(), lr=g.lr)
+    policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.values)).to(device)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     B, C, T = bc.batch_size, bc.context_len, bc.rollout_len
     gen = torch.Generator().manual_seed(bc.seed)
-
-    def step():
-        x = torch.randint(0, gcfg.vocab_size, (B, C + T + 1), generator=gen).to(device)
-        target = torch.tensor([fixed]).expand(B, 3).to(device)
-        cache, h0 = sol.prefill(model, x, C, T)
-        shared = cache.fork(K, T)  # before the dense reference appends its T steps to the prefix cache
-        dense = model(x[:, C:C + T], cache)[0]  # the dense reference, all T teacher-forced steps at once
-        with torch.no_grad():
-            roll = sol.rollout(model, shared, h0.repeat_interleave(K, 0), x[:, C:].repeat_interleave(K, 0),
-                               target.repeat_interleave(K, 0), sol.policy_scheduler(policy, greedy=False), grid, acfg)
-        penalty = train.budget_penalty(roll["achieved"], target.repeat_interleave(K, 0), [True] * 3, g)
-        A = train.advantages(train.returns(roll["logp"], g) - penalty[:, None], B, K, g)
-        logp, entropy, _ = train.policy_logprobs(policy, roll, pcfg.temperature)
-        loss = -(A * logp).mean() - g.ent_coef * entropy.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return dense
-    return step
+    draw = lambda: (torch.randint(0, gcfg.vocab_size, (B, C + T + 1), generator=gen).to(device),
+                    torch.tensor([requested]).expand(B, 3).to(device))
+    return lambda: grpo.iteration(model, policy, opt, draw, grid, acfg, cfg, [True] * 3)
 
 
 def rss(field):
@@ -246,9 +233,9 @@ def cpu_name():
 def main(argv):
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # CPU: large tensors leave the resident set when freed, not cached
     bc = BenchConfig()
-    train.parse_args(argv, (bc,))
+    parse_args(argv, (bc,))
     if bc.dtype not in ("float32", "bfloat16"):
-        raise train.UsageError(f"--dtype={bc.dtype} is not one of float32, bfloat16")
+        raise UsageError(f"--dtype={bc.dtype} is not one of float32, bfloat16")
     device = bc.device if bc.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(bc.seed)
     machine = {**asdict(bc), "cpu": cpu_name(), "threads": torch.get_num_threads(),
@@ -270,6 +257,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (train.UsageError, ValueError) as e:
+    except (UsageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

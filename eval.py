@@ -27,10 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cli
 import pretrained
 import sol
 from sol import decode, prefill
-from train import UsageError, axes, calibrate, episodes, load_checkpoint, load_dataset, parse_args
+from cli import UsageError, load_checkpoint, parse_args
+from data import episodes, load_dataset
+from sol import axes, calibrate
 
 
 @dataclass
@@ -233,7 +236,7 @@ def pareto_plot(rows, path):
     plt.tight_layout()
     png = io.BytesIO()
     plt.savefig(png, format="png", dpi=120)
-    sol.save_atomic(png.getvalue(), path)
+    cli.save_atomic(png.getvalue(), path)
     return path
 
 
@@ -243,7 +246,7 @@ def shade(tokens, compute, html_path):
     print(line)
     spans = "".join(f'<span style="background: rgba(220,60,30,{c:.2f})" title="{c:.2f}">{t.replace("&", "&amp;").replace("<", "&lt;")}</span>'
                     for t, c in zip(tokens, compute))
-    sol.save_atomic(f"<html><body><pre style='font-size:15px'>{spans}</pre>"
+    cli.save_atomic(f"<html><body><pre style='font-size:15px'>{spans}</pre>"
                     "<p>background: compute spent on the token (mean of keep, prune, bits/16)</p></body></html>", html_path)
 
 
@@ -270,9 +273,9 @@ def main(argv):
             raise UsageError(f"--{name} must be at least 1, got {getattr(ec, name)}")
     C, T, E, V = cfg["grpo"]["context_len"], cfg["grpo"]["rollout_len"], ec.eval_episodes, ec.val_episodes
     lm_bytes = torch.finfo(getattr(torch, ec.dtype)).bits // 8
-    sol.check_memory([(f"evaluation with --eval_batch={ec.eval_batch}, --eval_episodes={E} and --val_episodes={V}",
-                       sol.n_params(lambda: sol.GPT(gcfg)) * lm_bytes + 2 * (E + V) * (C + T + 1) * 8
-                       + sol.episode_bytes(gcfg, min(ec.eval_batch, max(E, V)), 1, C, T, lm_bytes), "lower them"),
+    cli.check_memory([(f"evaluation with --eval_batch={ec.eval_batch}, --eval_episodes={E} and --val_episodes={V}",
+                       cli.n_params(lambda: sol.GPT(gcfg)) * lm_bytes + 2 * (E + V) * (C + T + 1) * 8
+                       + cli.episode_bytes(gcfg, min(ec.eval_batch, max(E, V)), 1, C, T, lm_bytes), "lower them"),
                       (f"the bootstrap with --bootstrap={ec.bootstrap} and --eval_episodes={E}", 16 * ec.bootstrap * E, "lower --bootstrap")], "cpu")
     init = None
     if cfg.get("base_sha1"):  # trained on a pretrained checkpoint (runs from before --init_from lack the key)
@@ -431,7 +434,7 @@ def main(argv):
               "episodes": {"val": len(val), "test": len(test), "steps_per_episode": T},
               "results": rows, "allocation": report_alloc, "multiple_choice": mc_report,
               "search": {str(b): d["search"] for b, d in details.items()}}
-    sol.save_atomic(json.dumps(report, indent=2), out_dir / "eval.json")
+    cli.save_atomic(json.dumps(report, indent=2), out_dir / "eval.json")
     print(f"wrote {out_dir / 'eval.json'}" + (f" and {png}" if png else ""))
 
 

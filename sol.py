@@ -7,12 +7,9 @@ bit-width of the MLP output (bits) -- and the small causal-transformer policy th
 actions. The episode runner at the bottom decodes a teacher-forced episode under any scheduler:
 the policy, dense, or static allocation.
 """
-import io
 import itertools
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -681,77 +678,41 @@ def policy_scheduler(policy, greedy, generator=None, bias=None, shard=(0, 1)):
         return (probs / noise[rank * N:(rank + 1) * N]).argmax(-1)
     return pick
 
-# -----------------------------------------------------------------------------
-# resources: memory estimates checked before allocating, and files written whole or not at all
+def calibrate(model, policy, eps, requested, grid, acfg, C, batch, steps=8, prefilled=None):
+    """Greedy decoding takes the policy's mode, which can sit off the requested budget: an axis that costs no
+    quality gets its cheapest value even when the sampled schedules average to the target. A Lagrange
+    multiplier per axis, lam, adds lam . budget(a) to the logits; bisect each on the validation episodes until
+    the greedy schedule's achieved budget meets the target. The achieved budget is a step function of lam and
+    can jump across the target: on such an axis a share of the steps takes the upper end of lam's last bracket
+    and the rest its lower end (multiplier_bias), and that share is bisected in turn. Only the budget is
+    calibrated, never quality. Returns the lower and upper multipliers and the upper one's share, (3,) each."""
+    target = torch.tensor([1.0 if v is None else v for v in requested], device=eps.device)
+    lower, upper, share = (torch.zeros(3, device=eps.device) for _ in range(3))
+    scheduler = lambda: policy_scheduler(policy, greedy=True, bias=multiplier_bias(grid, lower, upper, share))
+    prefilled = prefilled or prefill_batches(model, eps, C, batch)  # one prefill for all the bisection's decodes
+    spent = lambda: decode(model, eps, target, scheduler, grid, acfg, C, batch, prefilled)[1]
+
+    def bisect(x, axis, lo, hi):  # the budget grows with x[axis]; returns the last bracket
+        for _ in range(steps):
+            x[axis] = (lo + hi) / 2
+            lo, hi = (x[axis].item(), hi) if spent()[axis] < target[axis] else (lo, x[axis].item())
+        x[axis] = (lo + hi) / 2
+        return lo, hi
+
+    on = [i for i in range(3) if requested[i] is not None]
+    brackets = {}
+    for _ in range(2):  # the axes interact a little: two rounds of coordinate bisection
+        for axis in on:
+            brackets[axis] = bisect(lower, axis, -20.0, 20.0)
+    upper.copy_(lower)
+    missed = (spent() - target).abs() > BUDGET_TOL / 2  # aim within half the tolerance: test episodes differ a little
+    for axis in on:
+        if missed[axis]:  # no one multiplier meets the target: mix the two around the jump
+            lower[axis], upper[axis] = brackets[axis]
+            bisect(share, axis, 0.0, 1.0)
+    return lower, upper, share
 
 
-def n_params(make):
-    """Parameters of the module make() builds, counted on the meta device: nothing is allocated."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in make().parameters())
-
-
-def episode_bytes(cfg, B, K, C, T, lm_bytes=4, keep_logprobs=False):
-    """A rough upper bound on the memory one batch of episodes takes beyond the weights: B rows prefilled over C
-    tokens, then T decode steps of B*K rows that read that prefix (KVCache.fork); keep_logprobs: every step's
-    log-probs over the vocabulary kept (the KL reward)."""
-    kv = 2 * cfg.n_layer * (cfg.n_embd // cfg.n_head) * (cfg.n_kv_head or cfg.n_head) * lm_bytes  # one position's keys and values
-    act = 4 * (10 * cfg.n_embd + 4 * cfg.mlp_hidden + 2 * cfg.n_head * (C + T))  # one token in one layer, attention scores included
-    prefill = B * C * (kv + act + 8)
-    steps = B * K * (T * kv + act + 16 * cfg.vocab_size + 4 * T * (4 * cfg.n_embd + 16 + cfg.vocab_size * keep_logprobs))
-    return prefill + steps  # steps: the rows' own cache, a step's logits and log-softmax, the inputs kept per step
-
-
-def pretrain_bytes(cfg, n, B):
-    """Pretraining's peak: weights, gradients and AdamW's two moments of n float32 parameters, and the activations
-    of B windows of block_size tokens kept for the backward pass."""
-    per_token = 4 * (cfg.n_layer * (16 * cfg.n_embd + 6 * cfg.mlp_hidden + 2 * cfg.n_head * cfg.block_size) + 4 * cfg.vocab_size)
-    return 16 * n + B * cfg.block_size * per_token
-
-
-def free_memory(device):
-    """Bytes free for new allocations: the GPU's free memory under CUDA, else what the OS reports as available
-    (Linux's MemAvailable, elsewhere the free or else the total physical pages); None if nothing says."""
-    if device == "cuda":
-        return torch.cuda.mem_get_info()[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        pass
-    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf(pages)
-        except (ValueError, OSError, AttributeError):
-            pass
-    return None
-
-
-def check_memory(needs, device):
-    """needs: (what, bytes, fix) for each phase. Raises ValueError, one line, for the first that cannot fit."""
-    free = free_memory(device)
-    for what, need, fix in needs:
-        if free is not None and need > free:
-            raise ValueError(f"{what} needs about {need / 2**30:.1f} GiB of memory, more than the {free / 2**30:.1f} GiB "
-                             f"free on {device}; {fix}")
-
-
-def save_atomic(obj, path):
-    """Write obj (bytes, text, or anything torch.save takes) to path through a temporary file and a rename: an
-    interrupted or failed write (a full disk) leaves any earlier file whole and nothing half-written beside it."""
-    if isinstance(obj, (str, bytes)):
-        data = obj.encode() if isinstance(obj, str) else obj
-    else:
-        buf = io.BytesIO()
-        torch.save(obj, buf)  # in memory first: torch.save reports a full disk as an opaque RuntimeError
-        data = buf.getvalue()
-    tmp = Path(f"{path}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OSError(f"cannot write {path} ({e.strerror or e}); any earlier {Path(path).name} is intact: "
-                          "free some space or write elsewhere") from None
-        raise
+def axes(v):
+    """Budget fractions (keep, prune, bits/16) as reported: bits in bits, None for an axis held dense."""
+    return {name: None if x is None else float(x) * scale for name, x, scale in zip(("keep", "prune", "bits"), v, (1, 1, 16))}

@@ -18,6 +18,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+import cli  # noqa: E402
+import grpo  # noqa: E402
 import sol  # noqa: E402
 import train  # noqa: E402
 from test_train import TINY  # noqa: E402
@@ -82,7 +84,7 @@ def test_mixed_calibration_meets_a_target_between_two_jumps():
     reached = {tuple(round(x, 4) for x in spent(grid.budget @ torch.tensor([float(lam), float(lam), 0.0])).tolist()[:2])
                for lam in np.linspace(-20, 20, 21)}
     assert {k for k, _ in reached} == {0.25, 1.0} and {p for _, p in reached} == {0.4, 1.0}, reached
-    cal = train.calibrate(model, policy, val, fixed, grid, acfg, 40, 32)  # fit on val
+    cal = sol.calibrate(model, policy, val, fixed, grid, acfg, 40, 32)  # fit on val
     achieved = spent(sol.multiplier_bias(grid, *cal))  # reported on test, in batches of 8 rows
     assert abs(achieved[0] - 0.6) <= sol.BUDGET_TOL and abs(achieved[1] - 0.7) <= sol.BUDGET_TOL, (achieved, cal)
     assert 0 < cal[2][0] < 1 and 0 < cal[2][1] < 1 and cal[2][2] == 0  # mixed on both controlled axes, bits untouched
@@ -146,12 +148,12 @@ def test_off_budget_sol_is_flagged_in_eval_table_and_json_and_requests_are_clamp
 
 
 def test_training_targets_below_the_grid_are_clamped_with_a_notice(capsys):
-    g = train.GRPOConfig(target_budget=0.5, target_prune=0.3, target_bits=2)
-    assert train.targets(g, sol.ActionConfig()) == [0.5, 0.4, 5 / 16]
+    g = grpo.GRPOConfig(target_budget=0.5, target_prune=0.3, target_bits=2)
+    assert grpo.targets(g, sol.ActionConfig()) == [0.5, 0.4, 5 / 16]
     said = capsys.readouterr().out.splitlines()
     assert said == ["notice: the prune target 0.3 is below the grid's cheapest prune 0.4, so it is held to 0.4; extend --prune to go lower",
                     "notice: the bits target 2 is below the grid's cheapest bits 5, so it is held to 5; extend --bits to go lower"]
-    assert train.targets(train.GRPOConfig(), sol.ActionConfig()) == [0.5, 0.5, 0.5] and capsys.readouterr().out == ""
+    assert grpo.targets(grpo.GRPOConfig(), sol.ActionConfig()) == [0.5, 0.5, 0.5] and capsys.readouterr().out == ""
 
 # -----------------------------------------------------------------------------
 # memory bombs: refused before allocating, under a guard (a bare failure could freeze the machine)
@@ -181,7 +183,7 @@ def test_memory_bombs_are_refused_before_allocating(finished, tmp_path, script_n
 
 def test_memory_estimate_is_an_upper_bound_of_a_real_grpo_batch():
     # the estimate guards against bombs, so it must not undercount a real batch: measure one in this process
-    g = train.GRPOConfig(batch_size=4, rollouts=64, context_len=40, rollout_len=16)
+    g = grpo.GRPOConfig(batch_size=4, rollouts=64, context_len=40, rollout_len=16)
     model, acfg = sol.GPT(CFG).eval(), sol.ActionConfig()
     grid = sol.action_grid(acfg)
     x = torch.randint(0, CFG.vocab_size, (g.batch_size, 40 + 16 + 1))
@@ -191,7 +193,7 @@ def test_memory_estimate_is_an_upper_bound_of_a_real_grpo_batch():
     roll = sol.rollout(model, forked, h0.repeat_interleave(64, 0), x[:, 40:].repeat_interleave(64, 0), torch.full((256, 3), 0.5),
                        sol.policy_scheduler(policy, greedy=False), grid, acfg)
     kept = sum(t.numel() * t.element_size() for t in (*roll.values(), cache.k, cache.v, forked.k, forked.v) if torch.is_tensor(t))
-    assert kept < sol.episode_bytes(CFG, g.batch_size, g.rollouts, 40, 16)
+    assert kept < cli.episode_bytes(CFG, g.batch_size, g.rollouts, 40, 16)
 
 # -----------------------------------------------------------------------------
 # full disks, truncated checkpoints, runs killed mid-GRPO

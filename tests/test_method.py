@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import eval as ev  # noqa: E402
+import cli  # noqa: E402
+import grpo  # noqa: E402
 import sol  # noqa: E402
 import train  # noqa: E402
 from test_train import TINY  # noqa: E402
@@ -50,17 +52,17 @@ def close(a, b, tol=1e-5):
 
 
 def test_returns_by_hand_and_by_brute_force():
-    g = train.GRPOConfig(gamma=0.85)
+    g = grpo.GRPOConfig(gamma=0.85)
     r = torch.tensor([[-1.0, -3.0, -2.0]])
-    close(train.returns(r, g), [[-1 + 0.85 * (-3 + 0.85 * -2), -3 + 0.85 * -2, -2]])  # [-4.995, -4.7, -2]
+    close(grpo.returns(r, g), [[-1 + 0.85 * (-3 + 0.85 * -2), -3 + 0.85 * -2, -2]])  # [-4.995, -4.7, -2]
     g.reward_agg = "max"
-    close(train.returns(r, g), [[-1.0, -1.7, -2.0]])  # max(-3, 0.85 * -2) = -1.7, max(-1, 0.85 * -1.7) = -1
+    close(grpo.returns(r, g), [[-1.0, -1.7, -2.0]])  # max(-3, 0.85 * -2) = -1.7, max(-1, 0.85 * -1.7) = -1
     gen = torch.Generator().manual_seed(0)
     r = torch.randn(3, 6, generator=gen)
     for agg in ("sum", "max"):
-        g = train.GRPOConfig(reward_agg=agg, gamma=0.6)
+        g = grpo.GRPOConfig(reward_agg=agg, gamma=0.6)
         want = [[(sum if agg == "sum" else max)(0.6 ** (k - t) * r[n, k].item() for k in range(t, 6)) for t in range(6)] for n in range(3)]
-        close(train.returns(r, g), want)
+        close(grpo.returns(r, g), want)
 
 
 def reference_advantages(G, B, K, level, norm, whiten):
@@ -83,23 +85,23 @@ def reference_advantages(G, B, K, level, norm, whiten):
 
 
 def test_advantages_by_hand_and_by_reference():
-    g = train.GRPOConfig(adv_level="process", adv_norm="center", whiten=False)
+    g = grpo.GRPOConfig(adv_level="process", adv_norm="center", whiten=False)
     G = torch.tensor([[1.0], [2.0], [3.0], [6.0]])  # one sequence, K = 4 rollouts, mean 3
-    close(train.advantages(G, 1, 4, g), [[-2.0], [-1.0], [0.0], [3.0]])
+    close(grpo.advantages(G, 1, 4, g), [[-2.0], [-1.0], [0.0], [3.0]])
     g.adv_norm = "zscore"  # sample std of (-2, -1, 0, 3): sqrt(14 / 3)
-    close(train.advantages(G, 1, 4, g), [[v / math.sqrt(14 / 3)] for v in (-2, -1, 0, 3)])
+    close(grpo.advantages(G, 1, 4, g), [[v / math.sqrt(14 / 3)] for v in (-2, -1, 0, 3)])
     # B = 2 sequences, T = 3 steps: every level, norm and whitening against the list version
     G = torch.tensor([[1.0, 0.5, 0.0], [2.0, 2.0, 1.0], [3.0, -1.0, 4.0], [6.0, 0.0, 0.0],
                       [9.0, 1.0, 1.0], [5.0, 5.0, 3.0], [5.0, 2.0, 2.0], [7.0, 0.0, -4.0]])
     for level in ("process", "outcome"):
         for norm in ("center", "zscore"):
             for whiten in (False, True):
-                g = train.GRPOConfig(adv_level=level, adv_norm=norm, whiten=whiten)
-                close(train.advantages(G, 2, 4, g), reference_advantages(G.tolist(), 2, 4, level, norm, whiten))
+                g = grpo.GRPOConfig(adv_level=level, adv_norm=norm, whiten=whiten)
+                close(grpo.advantages(G, 2, 4, g), reference_advantages(G.tolist(), 2, 4, level, norm, whiten))
 
 
 def test_budget_penalty_dead_zone_square_alpha():
-    g = train.GRPOConfig()  # alpha 100, 100, 200; tolerance 0.02
+    g = grpo.GRPOConfig()  # alpha 100, 100, 200; tolerance 0.02
     target = torch.full((6, 3), 0.5)
     achieved = torch.tensor([[0.519, 0.5, 0.5],  # inside the dead zone: free
                              [0.521, 0.5, 0.5],  # just outside: 100 * 0.001^2
@@ -108,31 +110,31 @@ def test_budget_penalty_dead_zone_square_alpha():
                              [0.5, 0.5, 0.6],  # bits over by 0.1: 200 * 0.08^2
                              [0.8, 0.8, 0.8]])  # all over by 0.3: (100 + 100 + 200) * 0.28^2
     want = [0.0, 1e-4, 0.09, 0.09, 1.28, 400 * 0.28 ** 2]
-    close(train.budget_penalty(achieved, target, [True, True, True], g), want, 1e-4)
+    close(grpo.budget_penalty(achieved, target, [True, True, True], g), want, 1e-4)
     # an axis held dense costs nothing
-    close(train.budget_penalty(achieved, target, [True, False, True], g), [0.0, 1e-4, 0.09, 0.0, 1.28, 300 * 0.28 ** 2], 1e-4)
+    close(grpo.budget_penalty(achieved, target, [True, False, True], g), [0.0, 1e-4, 0.09, 0.0, 1.28, 300 * 0.28 ** 2], 1e-4)
 
 
 def test_penalized_returns_reward_kl_and_penalty_signs():
-    g = train.GRPOConfig(gamma=0.5)
+    g = grpo.GRPOConfig(gamma=0.5)
     target, enabled = torch.full((1, 3), 0.5), [True, True, True]
     roll = {"logp": torch.tensor([[-1.0, -2.0]]), "achieved": torch.tensor([[0.6, 0.5, 0.5]])}
     # returns: G_1 = -2, G_0 = -1 + 0.5 * -2 = -2; penalty 100 * (0.1 - 0.02)^2 = 0.64, taken off every step
-    close(train.penalized_returns(roll, target, enabled, g), [[-2.64, -2.64]])
+    close(grpo.penalized_returns(roll, target, enabled, g), [[-2.64, -2.64]])
     g.task_w_kl = 0.25  # r_t = 0.75 log p - 0.25 KL
     roll["kl"] = torch.tensor([[0.4, 0.8]])
-    close(train.penalized_returns(roll, target, enabled, g), [[-0.85 + 0.5 * -1.7 - 0.64, -1.7 - 0.64]])
+    close(grpo.penalized_returns(roll, target, enabled, g), [[-0.85 + 0.5 * -1.7 - 0.64, -1.7 - 0.64]])
 
 
 def test_policy_loss_clip_entropy_and_kl_by_hand():
-    g = train.GRPOConfig(clip_eps=0.2, ent_coef=0.05, kl_coef=0.1)
+    g = grpo.GRPOConfig(clip_eps=0.2, ent_coef=0.05, kl_coef=0.1)
     ratio = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.1]])
     A = torch.tensor([[1.0, -1.0, 1.0, -1.0, 2.0]])
     old = torch.log(torch.tensor([[0.2, 0.3, 0.4, 0.5, 0.6]]))
     logp = (old + ratio.log()).requires_grad_()
     entropy = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
     # min(r A, clip(r) A): 1.2 (clipped), -1.5, 0.5, -0.8 (clipped), 2.2; their mean 0.32; entropy bonus 0.05 * 3
-    loss = train.policy_loss(logp, old, A, entropy, g)
+    loss = grpo.policy_loss(logp, old, A, entropy, g)
     close(loss, -0.32 - 0.15)
     loss.backward()  # a clipped term passes no gradient; the others pull log pi up where A > 0
     close(logp.grad, [[0.0, 1.5 / 5, -0.5 / 5, 0.0, -2.2 / 5]])
@@ -140,7 +142,7 @@ def test_policy_loss_clip_entropy_and_kl_by_hand():
     logp_all = torch.log(torch.tensor([0.5, 0.5])).expand(1, 5, 2)
     ref_all = torch.log(torch.tensor([0.25, 0.75])).expand(1, 5, 2)
     kl = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
-    close(train.policy_loss(logp.detach(), old, A, entropy, g, logp_all, ref_all), -0.47 + 0.1 * kl)
+    close(grpo.policy_loss(logp.detach(), old, A, entropy, g, logp_all, ref_all), -0.47 + 0.1 * kl)
 
 
 @torch.no_grad()
@@ -200,7 +202,7 @@ def test_scheduler_samples_softmax_over_temperature_and_logprobs_agree():
         assert (greedy == (0 if bias is None else 2)).all()  # logits + bias: 2 < 0 + 2.5
     # the training loss replays the steps at the same temperature: its log pi is the sampling distribution's
     roll = {k: v[:, None] for k, v in obs.items()} | {"action": a[:, None]}
-    logp, entropy, logp_all = train.policy_logprobs(policy, roll, tau)
+    logp, entropy, logp_all = grpo.policy_logprobs(policy, roll, tau)
     z = [v / tau for v in logits]
     p = torch.tensor([math.exp(v) / sum(math.exp(u) for u in z) for v in z])
     close(logp_all.exp()[:5, 0], p.expand(5, 4))
@@ -218,7 +220,7 @@ def test_policy_logprobs_are_the_tempered_categorical():
     raw = policy(roll["h_prev"], roll["emb"], roll["scalars"], roll["prev_action"])
     for tau in (1.0, 1.3, 0.5):
         dist = torch.distributions.Categorical(logits=raw / tau)
-        logp, entropy, _ = train.policy_logprobs(policy, roll, tau)
+        logp, entropy, _ = grpo.policy_logprobs(policy, roll, tau)
         close(logp, dist.log_prob(roll["action"]))
         close(entropy, dist.entropy())
 
@@ -358,28 +360,28 @@ def test_rollout_scalars_and_early_dense_steps():
 
 def test_targets_per_axis_overrides():
     acfg = sol.ActionConfig()
-    g = train.GRPOConfig(target_budget=0.5)
-    assert train.targets(g, acfg) == [0.5, 0.5, 0.5]
+    g = grpo.GRPOConfig(target_budget=0.5)
+    assert grpo.targets(g, acfg) == [0.5, 0.5, 0.5]
     g.target_keep, g.target_bits = 0.3, 12.0
-    assert train.targets(g, acfg) == [0.3, 0.5, 0.75]
+    assert grpo.targets(g, acfg) == [0.3, 0.5, 0.75]
     g.target_prune = 0.9
-    assert train.targets(g, acfg) == [0.3, 0.9, 0.75]
-    assert train.targets(g, sol.ActionConfig(bits=(16,))) == [0.3, 0.9, None]  # an axis held dense
+    assert grpo.targets(g, acfg) == [0.3, 0.9, 0.75]
+    assert grpo.targets(g, sol.ActionConfig(bits=(16,))) == [0.3, 0.9, None]  # an axis held dense
 
 
 def test_sample_targets_fixed_and_ranges():
-    g = train.GRPOConfig(keep_range=(0.2, 0.6), bits_range=(6.0, 12.0))
+    g = grpo.GRPOConfig(keep_range=(0.2, 0.6), bits_range=(6.0, 12.0))
     fixed = [0.3, None, 0.75]
-    close(train.sample_targets(g, fixed, 4, np.random.default_rng(0)), [[0.3, 1.0, 0.75]] * 4)
+    close(grpo.sample_targets(g, fixed, 4, np.random.default_rng(0)), [[0.3, 1.0, 0.75]] * 4)
     g.sample_budgets = True
     n = 4000
-    t = train.sample_targets(g, fixed, n, np.random.default_rng(0))
+    t = grpo.sample_targets(g, fixed, n, np.random.default_rng(0))
     assert t[:, 1].eq(1.0).all()  # the axis held dense stays dense
     for axis, (lo, hi) in ((0, (0.2, 0.6)), (2, (6 / 16, 12 / 16))):
         col = t[:, axis]
         assert lo - 1e-6 <= col.min() and col.max() <= hi + 1e-6 and col.unique().numel() > 0.99 * n  # a draw per row
         assert abs(col.mean().item() - (lo + hi) / 2) < 0.01 and abs(col.std().item() - (hi - lo) / math.sqrt(12)) < 0.01
-    assert torch.equal(t, train.sample_targets(g, fixed, n, np.random.default_rng(0)))  # seeded
+    assert torch.equal(t, grpo.sample_targets(g, fixed, n, np.random.default_rng(0)))  # seeded
 
 # -----------------------------------------------------------------------------
 # budgets of the evaluated methods: calibrated SOL, the entropy heuristic, random schedule search
@@ -399,7 +401,7 @@ def test_calibration_meets_the_target():
     eps = episodes(16, C, T)
     for fixed in ([0.25, 0.85, 0.4], [0.8, None, 0.35]):
         target = torch.tensor([1.0 if v is None else v for v in fixed])
-        cal = train.calibrate(model, policy, eps, fixed, grid, acfg, C, 16)
+        cal = sol.calibrate(model, policy, eps, fixed, grid, acfg, C, 16)
         greedy = lambda bias: lambda: sol.policy_scheduler(policy, greedy=True, bias=bias)
         achieved = sol.decode(model, eps, target, greedy(sol.multiplier_bias(grid, *cal)), grid, acfg, C, 16)[1]
         raw = sol.decode(model, eps, target, greedy(None), grid, acfg, C, 16)[1]
@@ -519,7 +521,7 @@ def test_pretraining_resumes_from_its_partial(tmp_path):
     assert n == 3
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), straight.state_dict().values()))
     # a partial that says it is done is the result, as it stands
-    sol.save_atomic({**saved, "iter": 6}, partial)
+    cli.save_atomic({**saved, "iter": 6}, partial)
     done, _, n = pretrain(7, partial)
     assert n == 0 and all(torch.equal(done.state_dict()[k], v) for k, v in saved["model"].items())
 

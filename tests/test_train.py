@@ -12,6 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import grpo  # noqa: E402
 import train  # noqa: E402
 
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--mlp_hidden=64", "--block_size=64", "--width=16",
@@ -71,7 +72,7 @@ def test_same_seed_same_numbers_and_resume(tiny_run, tmp_path):
 
 
 def test_parse_args_forms():
-    g, t = train.GRPOConfig(), train.TrainConfig()
+    g, t = grpo.GRPOConfig(), train.TrainConfig()
     train.parse_args(["--rollouts=4", "--gamma", "0.5", "--resume", "--keep_range=0.2,0.9", "--target_bits=none"], (g, t))
     assert (g.rollouts, g.gamma, t.resume, g.keep_range, g.target_bits) == (4, 0.5, True, (0.2, 0.9), None)
 
