@@ -195,7 +195,7 @@ def bench(name, gcfg, bc, device, peak, pretrain=True):
     r["decode_s"] = decode_latency(gcfg, bc, device)
     grid = sol.action_grid(ActionConfig())
     pcfg = PolicyConfig()
-    policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.tags))
+    policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.values))
     lm = sol.GPT(replace(gcfg, block_size=C + T))
     r["policy_flops_share"] = sol.matmul_flops(policy, T, pcfg.depth, pcfg.width) / sol.matmul_flops(lm, C + T, gcfg.n_layer, gcfg.n_embd)
     return r

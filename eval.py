@@ -30,7 +30,7 @@ import torch
 import cli
 import pretrained
 import sol
-from sol import decode, prefill
+from sol import prefill, score_episodes
 from cli import UsageError, load_checkpoint, parse_args
 from data import episodes, load_dataset
 from sol import axes, calibrate
@@ -129,7 +129,7 @@ def fit_heuristic(model, val, budget, grid, acfg, C, batch, prefilled, steps=10)
             lo, hi = 0.0, 20.0
             for _ in range(steps):
                 th[axis] = (lo + hi) / 2
-                spent = decode(model, val, torch.ones(3), lambda: heuristic_scheduler(acfg, th), grid, acfg, C, batch, prefilled)[1]
+                spent = score_episodes(model, val, torch.ones(3), lambda: heuristic_scheduler(acfg, th), grid, acfg, C, batch, prefilled)[1]
                 lo, hi = (th[axis], hi) if spent[axis] > budget[axis] else (lo, th[axis])
             th[axis] = (lo + hi) / 2
     return th
@@ -185,7 +185,7 @@ def generate(model, ids, n, make_scheduler, target, grid, acfg):
     x = torch.tensor([ids])
     cache = model.new_cache(1, x.size(1) + n)
     h = model.hidden(x, cache)
-    scheduler, spent, n_eff, out, prev = make_scheduler(), torch.zeros(3), 0, [], torch.tensor([len(grid.tags)])
+    scheduler, spent, n_eff, out, prev = make_scheduler(), torch.zeros(3), 0, [], torch.tensor([len(grid.values)])
     token = model.lm_head(h[:, -1]).argmax(-1)
     for t in range(n):
         out.append(token.item())
@@ -290,7 +290,7 @@ def main(argv):
         model = sol.GPT(gcfg)
         model.load_state_dict(load_checkpoint(cfg["base"], "base GPT")["model"])
         model.eval().requires_grad_(False).to(getattr(torch, ec.dtype))
-    policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.tags))
+    policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.values))
     policy.load_state_dict(state["policy"])
     policy.eval()
     dataset = ec.dataset or cfg["train"]["dataset"]
@@ -349,7 +349,7 @@ def main(argv):
     test = episodes(splits["test"], ec.eval_episodes, C + T + 1)
     gen = torch.Generator().manual_seed(ec.seed)
     pre = {"val": sol.prefill_batches(model, val, C, ec.eval_batch), "test": sol.prefill_batches(model, test, C, ec.eval_batch)}
-    run = lambda split, target, make: decode(model, val if split == "val" else test, target, make, grid, acfg, C, ec.eval_batch, pre[split])
+    run = lambda split, target, make: score_episodes(model, val if split == "val" else test, target, make, grid, acfg, C, ec.eval_batch, pre[split])
     dense_nll, _, _ = run("test", torch.ones(3), lambda: sol.dense_scheduler(grid))
     rows, details = [], {}
     for b in budgets:

@@ -197,7 +197,6 @@ class Grid(NamedTuple):
     values: torch.Tensor  # (A, 3) keep, prune, bits of every action
     budget: torch.Tensor  # (A, 3) the same as fractions of the dense action: keep, prune, bits/16
     dense: int  # index of the dense action
-    tags: list  # readable names, e.g. k050-s070-q8
 
 
 def action_grid(acfg):
@@ -208,8 +207,7 @@ def action_grid(acfg):
         raise ValueError("the action grid must contain the dense action exactly once: keep 1.0, prune 1.0 and bits 16 each once")
     if values.min() <= 0 or (values > top).any():
         raise ValueError("action grid values must lie in keep (0, 1], prune (0, 1], bits [2, 16]")
-    tags = [f"k{round(k * 100):03d}-s{round(p * 100):03d}-q{int(b)}" for k, p, b in values.tolist()]
-    return Grid(values, values / top, int(hits[0]), tags)
+    return Grid(values, values / top, int(hits[0]))
 
 # -----------------------------------------------------------------------------
 # the GPT
@@ -505,7 +503,7 @@ class Policy(nn.Module):
             x = block(x, None, cache, i)
         if cache is not None:
             cache.len += x.size(1)
-        return self.head(self.norm(x)) + self.budget_head(scalars[..., 2:5])
+        return self.head(self.norm(x)) + self.budget_head(scalars[..., TARGETS])
 
 
 def matmul_flops(module, context, n_layer, d_attn):
@@ -517,6 +515,18 @@ def matmul_flops(module, context, n_layer, d_attn):
 # one episode runner, many schedulers
 
 
+TARGETS = slice(2, 5)  # where the three targets sit among step_scalars
+
+
+def step_scalars(t, T, eff, target, spent, n_eff):
+    """The policy's eight scalars at step t of T, (N, 8): t/T, the controllable ("eff") flag, the targets (N, 3),
+    and the running mean of the budget spent (N, 3, summed over n_eff earlier controllable steps) minus them."""
+    dev = spent / n_eff - target if n_eff else torch.zeros_like(target)
+    N = target.size(0)
+    return torch.cat([torch.full((N, 1), t / T, device=target.device), torch.full((N, 1), float(eff), device=target.device),
+                      target, dev], 1)
+
+
 @torch.no_grad()
 def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=None):
     """Teacher-forced decode of T controlled steps under a schedule.
@@ -526,15 +536,13 @@ def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=Non
     policy inputs of every step (to replay them at training time) and the achieved budget per row.
     ref_logprobs (N, T, V): the dense run's log-probs, to add KL(p_dense || p_sparse) per step."""
     N, T = x.size(0), x.size(1) - 1
-    h, prev = h0, torch.full((N,), len(grid.tags), dtype=torch.long, device=x.device)  # BOS action
+    h, prev = h0, torch.full((N,), len(grid.values), dtype=torch.long, device=x.device)  # BOS action
     spent, n_eff = torch.zeros(N, 3, device=x.device), 0
-    out = {k: [] for k in ("h_prev", "emb", "scalars", "prev_action", "entropy", "action", "logp", "kl")}
+    out = {k: [] for k in ("h_prev", "emb", "scalars", "prev_action", "action", "logp", "kl")}
     logprobs = F.log_softmax(model.lm_head(h0).float(), -1)  # the prediction made before step 0
     for t in range(T):
         eff = controllable(cache.len, acfg)
-        dev = spent / n_eff - target if n_eff else torch.zeros_like(target)  # running mean minus target
-        scalars = torch.cat([torch.full((N, 2), float(eff), device=x.device), target, dev], 1)
-        scalars[:, 0] = t / T
+        scalars = step_scalars(t, T, eff, target, spent, n_eff)
         entropy = -(logprobs.exp() * logprobs).sum(-1)  # how unsure the previous prediction was (heuristics)
         obs = dict(h_prev=h, emb=model.wte(x[:, t]), scalars=scalars, prev_action=prev, entropy=entropy)
         a = scheduler(t, obs)
@@ -542,8 +550,8 @@ def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=Non
         logprobs = F.log_softmax(logits[:, -1].float(), -1)  # (N, V)
         if eff:
             spent, n_eff = spent + grid.budget[a], n_eff + 1
-        for k, val in obs.items():
-            out[k].append(val)
+        for k in ("h_prev", "emb", "scalars", "prev_action"):  # the policy's inputs, replayed by its update
+            out[k].append(obs[k])
         out["action"].append(a)
         out["logp"].append(logprobs.gather(1, x[:, t + 1:t + 2])[:, 0])
         if ref_logprobs is not None:  # KL(p_dense || p_sparse) at this step
@@ -551,7 +559,6 @@ def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=Non
         h, prev = hs[:, -1], a
     out = {k: torch.stack(v, 1) for k, v in out.items() if v}  # each (N, T, ...)
     out["achieved"] = spent / max(n_eff, 1)  # (N, 3) mean budget over controllable steps
-    out["n_eff"] = n_eff
     return out
 
 
@@ -570,7 +577,7 @@ def prefill_batches(model, eps, C, batch):
 
 
 @torch.no_grad()
-def decode(model, eps, target, make_scheduler, grid, acfg, C, batch, prefilled=None):
+def score_episodes(model, eps, target, make_scheduler, grid, acfg, C, batch, prefilled=None):
     """Every episode eps (E, C+T+1) under a fresh scheduler per batch: the mean NLL over the T controlled
     steps of each episode (E,), the achieved budget (3,) and the actions (E, T). prefilled: prefill_batches
     of the same episodes, copied instead of recomputed (the context is dense whatever the schedule)."""
@@ -690,7 +697,7 @@ def calibrate(model, policy, eps, requested, grid, acfg, C, batch, steps=8, pref
     lower, upper, share = (torch.zeros(3, device=eps.device) for _ in range(3))
     scheduler = lambda: policy_scheduler(policy, greedy=True, bias=multiplier_bias(grid, lower, upper, share))
     prefilled = prefilled or prefill_batches(model, eps, C, batch)  # one prefill for all the bisection's decodes
-    spent = lambda: decode(model, eps, target, scheduler, grid, acfg, C, batch, prefilled)[1]
+    spent = lambda: score_episodes(model, eps, target, scheduler, grid, acfg, C, batch, prefilled)[1]
 
     def bisect(x, axis, lo, hi):  # the budget grows with x[axis]; returns the last bracket
         for _ in range(steps):

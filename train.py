@@ -211,12 +211,12 @@ def evaluate(model, policy, eps, requested, grid, acfg, C, batch, cal):
     target = torch.tensor([1.0 if v is None else v for v in requested], device=eps.device)
     bias = sol.multiplier_bias(grid, *cal)
     pre = sol.prefill_batches(model, eps, C, batch)
-    nll, achieved, _ = sol.decode(model, eps, target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias), grid, acfg, C, batch, pre)
+    nll, achieved, _ = sol.score_episodes(model, eps, target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias), grid, acfg, C, batch, pre)
     rows = [("sol", requested, nll, achieved)]
-    nll, dense, _ = sol.decode(model, eps, target, lambda: sol.dense_scheduler(grid), grid, acfg, C, batch, pre)
+    nll, dense, _ = sol.score_episodes(model, eps, target, lambda: sol.dense_scheduler(grid), grid, acfg, C, batch, pre)
     rows.append(("dense", [1.0, 1.0, 1.0], nll, dense))
     matched = achieved.tolist()
-    nll, static, _ = sol.decode(model, eps, target, lambda: sol.static_scheduler(acfg, matched), grid, acfg, C, batch, pre)
+    nll, static, _ = sol.score_episodes(model, eps, target, lambda: sol.static_scheduler(acfg, matched), grid, acfg, C, batch, pre)
     rows.append(("static", matched, nll, static))
     T = eps.size(1) - C - 1
     asked = lambda t: [x if v is not None else None for x, v in zip(t, requested)]  # axes held dense are not checked

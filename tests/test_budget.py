@@ -50,7 +50,7 @@ def one_error_line(p, needle):
 
 def constant_policy(grid, logit_of):
     """A policy whose logits are the same at every step of every row: logit_of(keep, prune, bits) per action."""
-    policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.tags)).eval()
+    policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.values)).eval()
     with torch.no_grad():
         for p in (policy.head.weight, policy.budget_head.weight, policy.budget_head.bias):
             p.zero_()
@@ -79,7 +79,7 @@ def test_mixed_calibration_meets_a_target_between_two_jumps():
     gen = torch.Generator().manual_seed(0)
     val, test = (torch.randint(0, CFG.vocab_size, (n, 40 + 8 + 1), generator=gen) for n in (32, 24))
     fixed, target = [0.6, 0.7, None], torch.tensor([0.6, 0.7, 1.0])
-    spent = lambda bias: sol.decode(model, test, target, lambda: sol.policy_scheduler(policy, True, bias=bias), grid, acfg, 40, 8)[1]
+    spent = lambda bias: sol.score_episodes(model, test, target, lambda: sol.policy_scheduler(policy, True, bias=bias), grid, acfg, 40, 8)[1]
     # no single multiplier meets either target: a scan over the whole range bisection searches
     reached = {tuple(round(x, 4) for x in spent(grid.budget @ torch.tensor([float(lam), float(lam), 0.0])).tolist()[:2])
                for lam in np.linspace(-20, 20, 21)}
@@ -189,7 +189,7 @@ def test_memory_estimate_is_an_upper_bound_of_a_real_grpo_batch():
     x = torch.randint(0, CFG.vocab_size, (g.batch_size, 40 + 16 + 1))
     cache, h0 = sol.prefill(model, x, 40, 16)
     forked = cache.fork(g.rollouts, 16)
-    policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.tags))
+    policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.values))
     roll = sol.rollout(model, forked, h0.repeat_interleave(64, 0), x[:, 40:].repeat_interleave(64, 0), torch.full((256, 3), 0.5),
                        sol.policy_scheduler(policy, greedy=False), grid, acfg)
     kept = sum(t.numel() * t.element_size() for t in (*roll.values(), cache.k, cache.v, forked.k, forked.v) if torch.is_tensor(t))

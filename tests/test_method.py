@@ -327,7 +327,7 @@ def test_rollout_scalars_and_early_dense_steps():
     N, C, T = 3, 5, 7
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, CFG.vocab_size, (N, C + T + 1), generator=gen)
-    actions = torch.randint(0, len(grid.tags), (N, T), generator=gen)
+    actions = torch.randint(0, len(grid.values), (N, T), generator=gen)
     actions[:, 3] = 0  # the cheapest action at the first controlled step: it must show in the log-probs
     target = torch.tensor([[0.5, 0.6, 0.7], [0.2, 0.4, 0.5], [1.0, 1.0, 1.0]])
     runs = {}
@@ -337,14 +337,14 @@ def test_rollout_scalars_and_early_dense_steps():
     roll, dense = runs["sched"], runs["dense"]
     budget = grid.budget.tolist()
     eff = [C + t > acfg.sinks + acfg.window + 1 for t in range(T)]
-    assert eff == [False] * 3 + [True] * 4 and roll["n_eff"] == 4
+    assert eff == [False] * 3 + [True] * 4
     for r in range(N):
         for t in range(T):
             earlier = [budget[actions[r, s]] for s in range(t) if eff[s]]
             dev = [sum(b[i] for b in earlier) / len(earlier) - target[r, i].item() if earlier else 0.0 for i in range(3)]
             close(roll["scalars"][r, t], [t / T, float(eff[t]), *target[r].tolist(), *dev])
         close(roll["achieved"][r], [sum(budget[actions[r, t]][i] for t in range(T) if eff[t]) / 4 for i in range(3)])
-    assert roll["prev_action"][:, 0].eq(len(grid.tags)).all() and torch.equal(roll["prev_action"][:, 1:], actions[:, :-1])
+    assert roll["prev_action"][:, 0].eq(len(grid.values)).all() and torch.equal(roll["prev_action"][:, 1:], actions[:, :-1])
     assert torch.equal(roll["logp"][:, :3], dense["logp"][:, :3])  # early steps: dense, whatever the action
     assert (roll["logp"][:, 3] != dense["logp"][:, 3]).all()
     # the sparse log-probs are the model's own, step by step under the same actions
@@ -396,15 +396,15 @@ def test_calibration_meets_the_target():
     model, acfg = gpt(std=0.2), sol.ActionConfig()
     grid = sol.action_grid(acfg)
     torch.manual_seed(1)
-    policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.tags)).eval()
+    policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.values)).eval()
     C, T = 12, 8
     eps = episodes(16, C, T)
     for fixed in ([0.25, 0.85, 0.4], [0.8, None, 0.35]):
         target = torch.tensor([1.0 if v is None else v for v in fixed])
         cal = sol.calibrate(model, policy, eps, fixed, grid, acfg, C, 16)
         greedy = lambda bias: lambda: sol.policy_scheduler(policy, greedy=True, bias=bias)
-        achieved = sol.decode(model, eps, target, greedy(sol.multiplier_bias(grid, *cal)), grid, acfg, C, 16)[1]
-        raw = sol.decode(model, eps, target, greedy(None), grid, acfg, C, 16)[1]
+        achieved = sol.score_episodes(model, eps, target, greedy(sol.multiplier_bias(grid, *cal)), grid, acfg, C, 16)[1]
+        raw = sol.score_episodes(model, eps, target, greedy(None), grid, acfg, C, 16)[1]
         for axis in range(3):
             if fixed[axis] is None:
                 assert all(c[axis] == 0 for c in cal)
@@ -421,7 +421,7 @@ def test_fit_heuristic_meets_the_budget():
     val = episodes(16, C, T)
     budget = [0.4, 0.7, 0.6]
     th = ev.fit_heuristic(model, val, budget, grid, acfg, C, 16, sol.prefill_batches(model, val, C, 16))
-    spent = sol.decode(model, val, torch.ones(3), lambda: ev.heuristic_scheduler(acfg, th), grid, acfg, C, 16)[1]
+    spent = sol.score_episodes(model, val, torch.ones(3), lambda: ev.heuristic_scheduler(acfg, th), grid, acfg, C, 16)[1]
     close(spent, budget, 0.05)
 
 
@@ -433,7 +433,7 @@ def test_search_schedules_spend_the_budget():
     eps, budget = episodes(4, C, T), [0.37, 0.66, 0.55]
     cands = ev.search_candidates(acfg, budget, 3, T, torch.Generator().manual_seed(0))
     for c in cands:  # what the decoded schedule spends, read off the grid: each axis within 0.005 of the budget
-        spent = sol.decode(model, eps, torch.ones(3), lambda: ev.plan_scheduler(acfg, c), grid, acfg, C, 4)[1]
+        spent = sol.score_episodes(model, eps, torch.ones(3), lambda: ev.plan_scheduler(acfg, c), grid, acfg, C, 4)[1]
         values = [torch.tensor(v, dtype=torch.float32)[c[:, i]] / s for i, (v, s) in enumerate(sol.axis_lists(acfg))]
         close(spent, [v.mean() for v in values])
         close(spent, budget, 0.0051)

@@ -114,7 +114,7 @@ def test_actions_on_pretrained_models(llama, gpt2):
             assert model.lm_head.weight.dtype == dtype and model.cfg.vocab_size in (600, 300)
             x = torch.randint(0, 300, (4, 60), generator=torch.Generator().manual_seed(0))
             cache, h0 = sol.prefill(model, x, 40, 19)
-            policy = sol.Policy(sol.PolicyConfig(), model.cfg.n_embd, len(grid.tags))
+            policy = sol.Policy(sol.PolicyConfig(), model.cfg.n_embd, len(grid.values))
             target = torch.full((4, 3), 0.5)
             forked = cache.fork(2, 19)  # two rollouts per row read the shared prefix, as in GRPO
             sparse = sol.rollout(model, forked, h0.repeat_interleave(2, 0), x[:, 40:].repeat_interleave(2, 0), target.repeat(2, 1),

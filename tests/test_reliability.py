@@ -318,7 +318,7 @@ def adversarial_model(kind):
 def test_every_action_gives_finite_logits(criterion, kind):
     acfg = sol.ActionConfig(criterion=criterion)
     grid = sol.action_grid(acfg)
-    model, A = adversarial_model(kind), len(grid.tags)
+    model, A = adversarial_model(kind), len(grid.values)
     edge = acfg.sinks + acfg.window + 1  # the last past length that is not controllable
     for past in (1, edge, edge + 1, 40):  # one key in the past, the boundary, a long context
         x = torch.randint(0, CFG.vocab_size, (A, past + 1), generator=torch.Generator().manual_seed(past))
@@ -332,7 +332,7 @@ def test_every_action_gives_finite_logits(criterion, kind):
 def test_mlp_and_attention_survive_huge_and_zero_inputs():
     acfg, grid = sol.ActionConfig(), sol.action_grid(sol.ActionConfig())
     torch.manual_seed(0)
-    mlp, A = sol.MLP(32, 48), len(grid.tags)
+    mlp, A = sol.MLP(32, 48), len(grid.values)
     for scale in (0.0, 1e-30, 1.0, 1e4):
         assert torch.isfinite(mlp(torch.randn(A, 1, 32) * scale, grid.values)).all(), scale
         q, k, v = (torch.randn(A, 2, 1 if i == 0 else 40, 16) * scale for i in range(3))
@@ -373,11 +373,11 @@ def test_single_row_evaluation():
     torch.manual_seed(0)
     acfg, model = sol.ActionConfig(), sol.GPT(CFG).eval()
     grid = sol.action_grid(acfg)
-    policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.tags)).eval()
+    policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.values)).eval()
     eps, target = torch.randint(0, CFG.vocab_size, (1, 40 + 4 + 1)), torch.full((3,), 0.5)
     for make in (lambda: sol.dense_scheduler(grid), lambda: sol.static_scheduler(acfg, [0.5, 0.5, 0.5]),
                  lambda: sol.policy_scheduler(policy, greedy=True), lambda: sol.policy_scheduler(policy, greedy=False)):
-        nll, achieved, _ = sol.decode(model, eps, target, make, grid, acfg, 40, 1)
+        nll, achieved, _ = sol.score_episodes(model, eps, target, make, grid, acfg, 40, 1)
         assert nll.shape == (1,) and torch.isfinite(nll).all() and achieved.shape == (3,)
         cache, h0 = sol.prefill(model, eps, 40, 4)
         roll = sol.rollout(model, cache, h0, eps[:, 40:], target[None], make(), grid, acfg)

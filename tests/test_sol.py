@@ -36,7 +36,7 @@ def decode(model, x, C, actions=None, acfg=None):
 def test_dense_action_reproduces_plain_forward(model):
     acfg = sol.ActionConfig()
     grid = sol.action_grid(acfg)
-    assert grid.tags[grid.dense] == "k100-s100-q16"
+    assert grid.values[grid.dense].tolist() == [1.0, 1.0, 16.0]
     x = torch.randint(0, CFG.vocab_size, (3, 60))
     dense = grid.values[grid.dense].expand(3, 10, 3)
     for criterion in sol.CRITERIA:
@@ -58,7 +58,7 @@ def test_fused_attention_matches_manual(model):
     # and through the whole model, sparse actions included
     acfg, grid = sol.ActionConfig(), sol.action_grid(sol.ActionConfig())
     x = torch.randint(0, CFG.vocab_size, (4, 70))
-    actions = grid.values[torch.randint(0, len(grid.tags), (4, 10))]
+    actions = grid.values[torch.randint(0, len(grid.values), (4, 10))]
     fused = decode(model, x, 60, actions, acfg)
     for m in model.modules():
         if isinstance(m, sol.CausalSelfAttention):
@@ -71,7 +71,7 @@ def test_realized_recency_matches_masked(model):
     """One row under recency reads only the kept keys; it decodes as the masked path does."""
     acfg, grid = sol.ActionConfig(), sol.action_grid(sol.ActionConfig())
     x = torch.randint(0, CFG.vocab_size, (1, 90))
-    actions = grid.values[torch.randint(0, len(grid.tags), (1, 80))]  # from 10 keys on: short contexts too
+    actions = grid.values[torch.randint(0, len(grid.values), (1, 80))]  # from 10 keys on: short contexts too
     realized = decode(model, x, 10, actions, acfg)
     for m in model.modules():
         if isinstance(m, sol.CausalSelfAttention):
@@ -96,7 +96,7 @@ def test_forked_cache_matches_copies(model, criterion, C):
     copies = model.new_cache(B * K, C + T)
     copies.k[:, :, :, :C], copies.v[:, :, :, :C] = (t[:, :, :, :C].repeat_interleave(K, 1) for t in (cache.k, cache.v))
     copies.len = C
-    actions = torch.randint(0, len(grid.tags), (B * K, T))
+    actions = torch.randint(0, len(grid.values), (B * K, T))
     xs, hs, target = x[:, C:].repeat_interleave(K, 0), h0.repeat_interleave(K, 0), torch.full((B * K, 3), 0.5)
     runs = [sol.rollout(model, c, hs, xs, target, lambda t, obs: actions[:, t], grid, acfg) for c in (cache.fork(K, T), copies)]
     torch.testing.assert_close(runs[0]["logp"], runs[1]["logp"], atol=1e-5, rtol=1e-5)
@@ -151,11 +151,11 @@ def test_quest_keeps_the_page_with_the_best_key():
 def test_rows_are_independent(model):
     acfg, grid = sol.ActionConfig(), sol.action_grid(sol.ActionConfig())
     x = torch.randint(0, CFG.vocab_size, (4, 60))
-    actions = grid.values[torch.randint(0, len(grid.tags), (4, 8))]
+    actions = grid.values[torch.randint(0, len(grid.values), (4, 8))]
     a = decode(model, x, 52, actions, acfg)
     x2, actions2 = x.clone(), actions.clone()
     x2[1:] = torch.randint(0, CFG.vocab_size, (3, 60))
-    actions2[1:] = grid.values[torch.randint(0, len(grid.tags), (3, 8))]
+    actions2[1:] = grid.values[torch.randint(0, len(grid.values), (3, 8))]
     b = decode(model, x2, 52, actions2, acfg)
     torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=1e-6)
 
@@ -214,8 +214,8 @@ def test_grid_requires_dense_action():
     with pytest.raises(ValueError, match="dense action"):
         sol.action_grid(sol.ActionConfig(keep=(0.1, 0.5)))
     grid = sol.action_grid(sol.ActionConfig())
-    assert len(grid.tags) == 5 * 4 * 4 and len(set(grid.tags)) == len(grid.tags)
-    assert "k050-s060-q8" in grid.tags
+    assert len(grid.values) == 5 * 4 * 4 and len(grid.values.unique(dim=0)) == len(grid.values)
+    assert all((grid.values == torch.tensor(a)).all(1).any() for a in ([0.5, 0.6, 8.0], [0.1, 1.0, 5.0]))
     torch.testing.assert_close(grid.budget[grid.dense], torch.ones(3))
 
 
@@ -245,11 +245,11 @@ def test_rollout_dense_and_static_budgets(model):
         torch.testing.assert_close(static["logp"], logp, atol=1e-5, rtol=1e-5)
         assert (static["logp"] != dense["logp"]).any()
     # the policy scheduler samples valid actions and records what it saw
-    policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.tags))
+    policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.values))
     roll = run(sol.policy_scheduler(policy, greedy=False, generator=torch.Generator().manual_seed(0)))
     greedy = run(sol.policy_scheduler(policy, greedy=True))
     assert roll["action"].shape == (N, T) and (roll["action"] != greedy["action"]).float().mean() > 0.5  # sampled, not the mode
-    assert roll["prev_action"][:, 0].eq(len(grid.tags)).all()  # BOS before the first step
+    assert roll["prev_action"][:, 0].eq(len(grid.values)).all()  # BOS before the first step
     assert roll["scalars"].shape == (N, T, 8) and torch.equal(roll["prev_action"][:, 1:], roll["action"][:, :-1])
 
 
