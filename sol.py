@@ -81,14 +81,18 @@ CRITERIA = ("recency", "relevancy", "relevancy_layer", "quest")
 
 def topn_mask(score, n):
     """Boolean mask of the n[r] largest entries along the last dim of score (N, ..., M), per row r; of equal
-    entries the earlier ones first."""
+    entries the earlier ones first: one stable sort. On a CPU, topn_select gives the same mask ~4x faster."""
     n = n.view(-1, *[1] * (score.dim() - 1))
-    if score.is_cuda:  # one stable sort, and no wait for the host
-        order = torch.argsort(score, dim=-1, descending=True, stable=True)
-        kept = torch.arange(score.size(-1), device=score.device) < n
-        return torch.zeros_like(order, dtype=torch.bool).scatter(-1, order, kept.expand_as(order))
-    # on a CPU a selection per distinct n is ~4x faster than the sort: the n-th largest entry is the threshold,
-    # and of the entries equal to it the first n - (number above it) are kept
+    if not score.is_cuda:
+        return topn_select(score, n)
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    kept = torch.arange(score.size(-1), device=score.device) < n
+    return torch.zeros_like(order, dtype=torch.bool).scatter(-1, order, kept.expand_as(order))
+
+
+def topn_select(score, n):
+    """topn_mask by selection, one per distinct n: the n-th largest entry is the threshold, and of the entries
+    equal to it the first n - (number above it) are kept. n (N, 1, ..., 1)."""
     M, nth = score.size(-1), torch.empty_like(score[..., :1])
     for k in n.unique().tolist():
         rows = (n == k).flatten()

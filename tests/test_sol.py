@@ -177,6 +177,17 @@ def test_topn_and_mlp_pruning_keep_the_right_channels():
     assert sol.topn_mask(torch.zeros(2, 10), torch.tensor([3, 7])).sum(-1).tolist() == [3, 7]
 
 
+def test_topn_select_matches_a_stable_sort():
+    """The CPU fast path of topn_mask against its plain twin, one stable sort, ties included."""
+    gen = torch.Generator().manual_seed(0)
+    for M in (1, 2, 7, 40):
+        score = torch.randint(0, 4, (6, 3, 1, M), generator=gen).float()  # few values: many ties
+        n = torch.randint(1, M + 1, (6,), generator=gen)
+        order = torch.argsort(score, dim=-1, descending=True, stable=True)
+        want = torch.zeros_like(score, dtype=torch.bool).scatter(-1, order, (torch.arange(M) < n.view(-1, 1, 1, 1)).expand_as(order))
+        assert torch.equal(sol.topn_select(score, n.view(-1, 1, 1, 1)), want), M
+
+
 def test_fake_quant_error_and_identity():
     torch.manual_seed(0)
     x = torch.randn(5, 3, 64) * torch.tensor([1e-3, 1.0, 10.0, 1e4, 0.0]).view(5, 1, 1)
