@@ -30,10 +30,9 @@ import torch
 import cli
 import pretrained
 import sol
-from sol import prefill, score_episodes
 from cli import UsageError, load_checkpoint, parse_args
 from data import episodes, load_dataset
-from sol import axes, calibrate
+from sol import axes, calibrate, prefill, score_episodes
 
 
 @dataclass
@@ -185,40 +184,41 @@ def generate(model, ids, n, make_scheduler, target, grid, acfg):
     x = torch.tensor([ids])
     cache = model.new_cache(1, x.size(1) + n)
     h = model.hidden(x, cache)
-    scheduler, spent, n_eff, out, prev = make_scheduler(), torch.zeros(3), 0, [], torch.tensor([len(grid.values)])
+    scheduler, spent, n_eff, out, prev = make_scheduler(), torch.zeros(1, 3), 0, [], torch.tensor([len(grid.values)])
     token = model.lm_head(h[:, -1]).argmax(-1)
     for t in range(n):
         out.append(token.item())
         eff = sol.controllable(cache.len, acfg)
-        dev = spent / n_eff - target if n_eff else torch.zeros(3)
-        scalars = torch.cat([torch.tensor([t / n, float(eff)]), target, dev])[None]
+        scalars = sol.step_scalars(t, n, eff, target[None], spent, n_eff)
         a = scheduler(t, dict(h_prev=h[:, -1], emb=model.wte(token), scalars=scalars, prev_action=prev, entropy=None))
         if eff:
-            spent, n_eff = spent + grid.budget[a[0]], n_eff + 1
+            spent, n_eff = spent + grid.budget[a], n_eff + 1
         logits, h = model(token[:, None], cache, grid.values[a] if eff else None, acfg)
         token, prev = logits[:, -1].argmax(-1), a
-    return out, spent / max(n_eff, 1)
+    return out, spent[0] / max(n_eff, 1)
 
 
-def tokenizer(init, data_dir):
-    """The tokenizer of the evaluation data: the checkpoint's own, else the one data_dir's meta.json names."""
+def tokenizer(run):
+    """The tokenizer of the evaluation data: the checkpoint's own, else the one the data's meta.json names."""
     from data.text import load_tokenizer
-    return (pretrained.encoding(init) if init else None) or load_tokenizer(data_dir)
+    return (pretrained.encoding(run.init) if run.init else None) or load_tokenizer(run.data_dir)
 
 
 def pareto_plot(rows, path):
     """ppl against the mean achieved budget, one curve per method: a PNG, or ASCII without matplotlib."""
     methods = sorted({r["method"] for r in rows} - {"dense"})
-    xs = lambda m: [(np.mean([r["achieved"]["keep"], r["achieved"]["prune"], r["achieved"]["bits"] / 16]), r["ppl"])
-                    for r in rows if r["method"] == m]
     dense = [r["ppl"] for r in rows if r["method"] == "dense"][0]
+
+    def points(m):  # (mean budget fraction, ppl) of method m at every budget
+        return [(np.mean([r["achieved"]["keep"], r["achieved"]["prune"], r["achieved"]["bits"] / 16]), r["ppl"])
+                for r in rows if r["method"] == m]
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("(pip install matplotlib for a PNG Pareto plot; an ASCII one follows)")
-        pts = [(m, x, y) for m in methods for x, y in xs(m)]
+        pts = [(m, x, y) for m in methods for x, y in points(m)]
         lo, hi = min(y for _, _, y in pts + [("", 0, dense)]), max(y for _, _, y in pts)
         for m, x, y in sorted(pts, key=lambda p: (p[1], p[0])):
             bar = int(50 * (y - lo) / max(hi - lo, 1e-9))
@@ -227,7 +227,7 @@ def pareto_plot(rows, path):
         return None
     plt.figure(figsize=(6, 4))
     for m in methods:
-        p = sorted(xs(m))
+        p = sorted(points(m))
         plt.plot([a for a, _ in p], [b for _, b in p], "o-", label=m)
     plt.axhline(dense, color="k", ls="--", lw=1, label="dense")
     plt.xlabel("achieved budget (mean of keep, prune, bits/16)")
@@ -249,47 +249,107 @@ def shade(tokens, compute, html_path):
     cli.save_atomic(f"<html><body><pre style='font-size:15px'>{spans}</pre>"
                     "<p>background: compute spent on the token (mean of keep, prune, bits/16)</p></body></html>", html_path)
 
+# -----------------------------------------------------------------------------
+# the steps of main
 
-def main(argv):
+
+def parse(argv):
+    """The flags, checked before anything is loaded: (EvalConfig, the budgets, None = the training target)."""
     ec = EvalConfig()
     parse_args(argv, (ec,))
-    out_dir = Path(ec.out_dir)
-    if not (out_dir / "ckpt.pt").exists():
-        raise UsageError(f"no trained policy at {out_dir / 'ckpt.pt'}; run python train.py --out_dir {out_dir} first")
-    state = load_checkpoint(out_dir / "ckpt.pt", "policy")
-    cfg = state["config"]
-    if state["iter"] < cfg["grpo"]["max_iters"]:
-        how = state.get("command", f"python train.py --out_dir {out_dir} <the flags it was started with>")
-        raise UsageError(f"{out_dir / 'ckpt.pt'} is a run stopped at GRPO iteration {state['iter']} of {cfg['grpo']['max_iters']} "
-                         f"(interrupted or killed); finish it with {how}{'' if '--resume' in how.split() else ' --resume'}, then evaluate")
-    if shutil.disk_usage(out_dir).free < 2**20:
-        raise UsageError(f"{out_dir} is on a file system with less than 1 MiB free, too little for eval.json; free some space")
-    gcfg, acfg, pcfg = sol.GPTConfig(**cfg["gpt"]), sol.ActionConfig(**cfg["action"]), sol.PolicyConfig(**cfg["policy"])
-    grid = sol.action_grid(acfg)
     if ec.dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype={ec.dtype} is not one of float32, bfloat16, float16")
     for name in ("eval_episodes", "val_episodes", "eval_batch", "search_schedules", "bootstrap", "mc_questions"):
         if getattr(ec, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(ec, name)}")
-    C, T, E, V = cfg["grpo"]["context_len"], cfg["grpo"]["rollout_len"], ec.eval_episodes, ec.val_episodes
-    lm_bytes = torch.finfo(getattr(torch, ec.dtype)).bits // 8
+    try:
+        budgets = [float(b) for b in ec.budgets.split(",")] if ec.budgets else [None]
+    except ValueError:
+        budgets = [-1.0]
+    if any(b is not None and not 0 < b <= 1 for b in budgets):
+        raise UsageError(f"--budgets must be a comma list of numbers in (0, 1], e.g. --budgets=0.2,0.5,0.8; got {ec.budgets!r}")
+    return ec, budgets
+
+
+@dataclass
+class Run:
+    """A finished training run, loaded for evaluation."""
+    out_dir: Path
+    cfg: dict  # the run's configs, as train.py saved them
+    model: sol.GPT  # frozen
+    policy: sol.Policy
+    acfg: sol.ActionConfig
+    grid: sol.Grid
+    C: int  # context tokens per episode, prefilled dense
+    T: int  # controlled steps per episode
+    trained_target: list  # the budget fractions (keep, prune, bits/16) the policy was trained for
+    init: Path  # the pretrained checkpoint it was trained on, or None
+    dataset: str
+    data_dir: Path
+    splits: dict  # split name -> token memmap
+    questions: list  # multiple-choice questions, or None
+
+
+def finished_checkpoint(out_dir):
+    """ckpt.pt of a run that ran all its GRPO iterations, in a folder with room for eval.json."""
+    if not (out_dir / "ckpt.pt").exists():
+        raise UsageError(f"no trained policy at {out_dir / 'ckpt.pt'}; run python train.py --out_dir {out_dir} first")
+    state = load_checkpoint(out_dir / "ckpt.pt", "policy")
+    g = state["config"]["grpo"]
+    if state["iter"] < g["max_iters"]:
+        how = state.get("command", f"python train.py --out_dir {out_dir} <the flags it was started with>")
+        raise UsageError(f"{out_dir / 'ckpt.pt'} is a run stopped at GRPO iteration {state['iter']} of {g['max_iters']} "
+                         f"(interrupted or killed); finish it with {how}{'' if '--resume' in how.split() else ' --resume'}, then evaluate")
+    if shutil.disk_usage(out_dir).free < 2**20:
+        raise UsageError(f"{out_dir} is on a file system with less than 1 MiB free, too little for eval.json; free some space")
+    return state
+
+
+def check_memory(ec, gcfg, C, T):
+    """Whether the episodes, the frozen GPT and the bootstrap fit in memory, before any is loaded."""
+    E, V, lm_bytes = ec.eval_episodes, ec.val_episodes, torch.finfo(getattr(torch, ec.dtype)).bits // 8
     cli.check_memory([(f"evaluation with --eval_batch={ec.eval_batch}, --eval_episodes={E} and --val_episodes={V}",
                        cli.n_params(lambda: sol.GPT(gcfg)) * lm_bytes + 2 * (E + V) * (C + T + 1) * 8
                        + cli.episode_bytes(gcfg, min(ec.eval_batch, max(E, V)), 1, C, T, lm_bytes), "lower them"),
                       (f"the bootstrap with --bootstrap={ec.bootstrap} and --eval_episodes={E}", 16 * ec.bootstrap * E, "lower --bootstrap")], "cpu")
-    init = None
+
+
+def load_gpt(ec, cfg, out_dir):
+    """The frozen GPT the policy was trained on, and the pretrained checkpoint it came from (None for train.py's own)."""
+    dtype = getattr(torch, ec.dtype)
     if cfg.get("base_sha1"):  # trained on a pretrained checkpoint (runs from before --init_from lack the key)
         init = Path(ec.init_from or cfg["base"]).expanduser()
         if not init.exists() or pretrained.digest(init) != cfg["base_sha1"]:
             raise UsageError(f"{init} is not the checkpoint {out_dir} was trained on ({cfg['base']}, sha1 {cfg['base_sha1'][:10]}); "
                              "pass that one with --init_from")
-        model = pretrained.load(init, getattr(torch, ec.dtype))
-    elif ec.init_from:
+        return pretrained.load(init, dtype), init
+    if ec.init_from:
         raise UsageError(f"{out_dir} was trained on its own base GPT, not a checkpoint; drop --init_from")
-    else:
-        model = sol.GPT(gcfg)
-        model.load_state_dict(load_checkpoint(cfg["base"], "base GPT")["model"])
-        model.eval().requires_grad_(False).to(getattr(torch, ec.dtype))
+    model = sol.GPT(sol.GPTConfig(**cfg["gpt"]))
+    model.load_state_dict(load_checkpoint(cfg["base"], "base GPT")["model"])
+    return model.eval().requires_grad_(False).to(dtype), None
+
+
+def load_questions(ec):
+    if ec.mc == "synth":
+        from data.synth.prepare import multiple_choice
+        return multiple_choice(ec.mc_questions, ec.seed)
+    if ec.mc:
+        if not Path(ec.mc).is_file():
+            raise UsageError(f"--mc file {ec.mc} does not exist; pass a JSONL file or --mc=synth")
+        return read_mc(ec.mc)[:ec.mc_questions]
+    return None
+
+
+def load_run(ec):
+    """The checkpoint, the frozen GPT, the policy and the data, each checked against the others."""
+    out_dir = Path(ec.out_dir)
+    state = finished_checkpoint(out_dir)
+    cfg, g = state["config"], state["config"]["grpo"]
+    gcfg, acfg, pcfg = sol.GPTConfig(**cfg["gpt"]), sol.ActionConfig(**cfg["action"]), sol.PolicyConfig(**cfg["policy"])
+    grid = sol.action_grid(acfg)
+    check_memory(ec, gcfg, g["context_len"], g["rollout_len"])
+    model, init = load_gpt(ec, cfg, out_dir)
     policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.values))
     policy.load_state_dict(state["policy"])
     policy.eval()
@@ -297,145 +357,183 @@ def main(argv):
     data_dir, meta, splits = load_dataset(dataset, init)
     if init is None and meta["vocab_size"] != gcfg.vocab_size:
         raise UsageError(f"{dataset} has a vocabulary of {meta['vocab_size']} but the model of {out_dir} has {gcfg.vocab_size}; evaluate on its own dataset")
-    g = cfg["grpo"]
-    enabled = [len(v) > 1 for v in (acfg.keep, acfg.prune, acfg.bits)]
-    trained = [g["target_keep"] if g["target_keep"] is not None else g["target_budget"],
-               g["target_prune"] if g["target_prune"] is not None else g["target_budget"],
-               g["target_bits"] / 16 if g["target_bits"] is not None else g["target_budget"]]
+    trained_target = [g["target_keep"] if g["target_keep"] is not None else g["target_budget"],
+                      g["target_prune"] if g["target_prune"] is not None else g["target_budget"],
+                      g["target_bits"] / 16 if g["target_bits"] is not None else g["target_budget"]]
     torch.manual_seed(ec.seed)
     print(f"policy {out_dir / 'ckpt.pt'} ({state['iter']} GRPO iterations, trained "
-          + ("on budgets sampled from ranges" if g["sample_budgets"] else f"for a single budget {trained}") + f"), dataset {dataset}, seed {ec.seed}")
+          + ("on budgets sampled from ranges" if g["sample_budgets"] else f"for a single budget {trained_target}") + f"), dataset {dataset}, seed {ec.seed}")
+    return Run(out_dir, cfg, model, policy, acfg, grid, g["context_len"], g["rollout_len"], trained_target,
+               init, dataset, data_dir, splits, load_questions(ec))
 
-    try:
-        budgets = [float(b) for b in ec.budgets.split(",")] if ec.budgets else [None]
-    except ValueError:
-        budgets = [-1.0]
-    if any(b is not None and not 0 < b <= 1 for b in budgets):
-        raise UsageError(f"--budgets must be a comma list of numbers in (0, 1], e.g. --budgets=0.2,0.5,0.8; got {ec.budgets!r}")
-    items = None
-    if ec.mc == "synth":
-        from data.synth.prepare import multiple_choice
-        items = multiple_choice(ec.mc_questions, ec.seed)
-    elif ec.mc:
-        if not Path(ec.mc).is_file():
-            raise UsageError(f"--mc file {ec.mc} does not exist; pass a JSONL file or --mc=synth")
-        items = read_mc(ec.mc)[:ec.mc_questions]
 
-    def fixed_for(b):  # the trained target (b None) or b on every axis, held to the grid's range (with a notice)
-        fixed, notices = sol.clamp_targets(acfg, trained if b is None else [b] * 3)
-        for line in notices:
-            print(line)
-        return fixed
+def requested_for(run, b):
+    """The budget requested at b (None: the policy's training target) on each axis, held to the grid's range (with
+    a notice; None for an axis held dense), and as the policy's target tensor (3,)."""
+    requested, notices = sol.clamp_targets(run.acfg, run.trained_target if b is None else [b] * 3)
+    for line in notices:
+        print(line)
+    return requested, torch.tensor([1.0 if v is None else v for v in requested])
 
-    if ec.prompt:  # side-by-side generation
-        enc = tokenizer(init, data_dir)
-        ids = enc.encode_ordinary(ec.prompt)
-        if not ids or len(ids) + ec.max_new_tokens > gcfg.block_size:
-            raise UsageError(f"prompt plus --max_new_tokens must be 1..{gcfg.block_size} tokens (got {len(ids)} + {ec.max_new_tokens})")
-        fixed = fixed_for(budgets[0])
-        target = torch.tensor([1.0 if v is None else v for v in fixed])
-        cal = calibrate(model, policy, episodes(splits["val"], ec.val_episodes, C + T + 1), fixed, grid, acfg, C, ec.eval_batch)
-        runs = {"dense": lambda: sol.dense_scheduler(grid),
-                "sol": lambda: sol.policy_scheduler(policy, greedy=True, bias=sol.multiplier_bias(grid, *cal))}
-        for name, make in runs.items():
-            new, ach = generate(model, ids, ec.max_new_tokens, make, target, grid, acfg)
-            x = torch.tensor([ids + new])
-            logp = torch.log_softmax(model(x[:, :-1])[0], -1)[0, len(ids) - 1:].gather(-1, x[0, len(ids):, None]).mean().item()
-            print(f"\n[{name}] keep {ach[0]:.2f} prune {ach[1]:.2f} bits {ach[2] * 16:.1f} | mean log-prob under dense {logp:.3f}")
-            print(ec.prompt + enc.decode(new))
-        return
 
-    val = episodes(splits["val"], ec.val_episodes, C + T + 1)
-    test = episodes(splits["test"], ec.eval_episodes, C + T + 1)
-    gen = torch.Generator().manual_seed(ec.seed)
-    pre = {"val": sol.prefill_batches(model, val, C, ec.eval_batch), "test": sol.prefill_batches(model, test, C, ec.eval_batch)}
-    run = lambda split, target, make: score_episodes(model, val if split == "val" else test, target, make, grid, acfg, C, ec.eval_batch, pre[split])
-    dense_nll, _, _ = run("test", torch.ones(3), lambda: sol.dense_scheduler(grid))
+def held_out(run, ec, split, n):
+    """n fixed episodes (n, C+T+1) of a split, and their dense prefill, which every schedule shares."""
+    eps = episodes(run.splits[split], n, run.C + run.T + 1)
+    return eps, sol.prefill_batches(run.model, eps, run.C, ec.eval_batch)
+
+
+def score(run, ec, split, target, make_scheduler):
+    """score_episodes on held-out episodes: per-episode NLL (E,), achieved budget (3,), actions (E, T)."""
+    eps, prefilled = split
+    return score_episodes(run.model, eps, target, make_scheduler, run.grid, run.acfg, run.C, ec.eval_batch, prefilled)
+
+
+def calibrated_sol(run, ec, requested, val):
+    """SOL greedy, its budget calibrated on validation: a scheduler factory, and the multipliers (lower, upper, share)."""
+    cal = calibrate(run.model, run.policy, val[0], requested, run.grid, run.acfg, run.C, ec.eval_batch, prefilled=val[1])
+    bias = sol.multiplier_bias(run.grid, *cal)
+    return (lambda: sol.policy_scheduler(run.policy, greedy=True, bias=bias)), cal
+
+
+def generate_side_by_side(run, ec, b, enc):
+    """Greedy continuations of --prompt, dense and SOL, each with its achieved budget and its log-prob under dense."""
+    ids = enc.encode_ordinary(ec.prompt)
+    if not ids or len(ids) + ec.max_new_tokens > run.model.cfg.block_size:
+        raise UsageError(f"prompt plus --max_new_tokens must be 1..{run.model.cfg.block_size} tokens (got {len(ids)} + {ec.max_new_tokens})")
+    requested, target = requested_for(run, b)
+    make_sol, _ = calibrated_sol(run, ec, requested, held_out(run, ec, "val", ec.val_episodes))
+    for name, make in (("dense", lambda: sol.dense_scheduler(run.grid)), ("sol", make_sol)):
+        new, ach = generate(run.model, ids, ec.max_new_tokens, make, target, run.grid, run.acfg)
+        x = torch.tensor([ids + new])
+        logp = torch.log_softmax(run.model(x[:, :-1])[0], -1)[0, len(ids) - 1:].gather(-1, x[0, len(ids):, None]).mean().item()
+        print(f"\n[{name}] keep {ach[0]:.2f} prune {ach[1]:.2f} bits {ach[2] * 16:.1f} | mean log-prob under dense {logp:.3f}")
+        print(ec.prompt + enc.decode(new))
+
+
+def every_method(run, ec, b, val, test, dense_nll, gen):
+    """Each method on the test episodes at budget b: {method: (nll (E,), achieved (3,), actions)}, the budget
+    requested, SOL's multipliers and the search's validation NLLs."""
+    acfg, T = run.acfg, run.T
+    requested, target = requested_for(run, b)
+    make_sol, cal = calibrated_sol(run, ec, requested, val)
+    res = {"sol": score(run, ec, test, target, make_sol)}
+    ach = res["sol"][1].tolist()  # every baseline spends what SOL spent
+    res["dense"] = (dense_nll, torch.ones(3), None)
+    res["static"] = score(run, ec, test, target, lambda: sol.static_scheduler(acfg, ach))
+    res["random"] = score(run, ec, test, target, lambda: plan_scheduler(acfg, lambda n: mix_plan(acfg, ach, n, T, gen)))
+    # candidates: half reorderings of static's values (local), half drawn from the whole grid (broad)
+    cands = torch.cat([mix_plan(acfg, ach, ec.search_schedules // 2, T, gen),
+                       search_candidates(acfg, ach, ec.search_schedules - ec.search_schedules // 2, T, gen)])
+    val_nll = torch.stack([score(run, ec, val, target, lambda: plan_scheduler(acfg, c))[0].mean() for c in cands])
+    best = int(val_nll.argmin())
+    res["search"] = score(run, ec, test, target, lambda: plan_scheduler(acfg, cands[best]))
+    th = fit_heuristic(run.model, val[0], ach, run.grid, acfg, run.C, ec.eval_batch, val[1])
+    res["heuristic"] = score(run, ec, test, target, lambda: heuristic_scheduler(acfg, th))
+    return res, requested, cal, {"val_nll": val_nll.tolist(), "best": best}
+
+
+def budget_table(run, ec, b, res, requested, cal, gen):
+    """Print one budget's table and return its rows for eval.json: every method beside static, each checked
+    against what it was asked to spend."""
+    ach = res["sol"][1].tolist()
+    enabled = [len(v) > 1 for v in (run.acfg.keep, run.acfg.prune, run.acfg.bits)]
+    print(f"{'method':<10} {'nll':>7} {'ppl':>8} {'dppl vs static [95% CI]':>28} {'keep':>6} {'prune':>6} {'bits':>6}")
+    rows = []
+    for m, (nll, a, _) in res.items():
+        d, lo, hi = bootstrap_delta(nll, res["static"][0], ec.bootstrap, gen)
+        asked = requested if m == "sol" else [1.0] * 3 if m == "dense" else ach  # SOL: the target; the others: what SOL spent
+        off = sol.off_budget(a.tolist(), [x if on else None for x, on in zip(asked, enabled)])
+        flag = f"  OFF BUDGET: {', '.join(off)}" if off else ""
+        print(f"{m:<10} {nll.mean():7.4f} {nll.mean().exp():8.3f} {d:+9.3f} [{lo:+.3f}, {hi:+.3f}]{'':>4} "
+              f"{a[0]:6.3f} {a[1]:6.3f} {a[2] * 16:6.2f}{flag}")
+        rows.append({"method": m, "budget": b, "target": axes(asked), "achieved": axes(a.tolist()), "nll": nll.mean().item(),
+                     "ppl": nll.mean().exp().item(), "tokens": len(nll) * run.T, "dppl_vs_static": d, "dppl_ci95": [lo, hi],
+                     "off_budget": off, "budget_multipliers": dict(zip(("lower", "upper", "upper_share"), (t.tolist() for t in cal)))
+                     if m == "sol" else None})
+    if any(r["off_budget"] for r in rows):
+        print(f"OFF BUDGET: achieved more than {sol.BUDGET_TOL} (bits {sol.BUDGET_TOL * 16:g}) away from what the method was "
+              "asked for (sol: the target; the others: sol's achieved budget)")
+    return rows
+
+
+def evaluate_budgets(run, ec, budgets, val, test, gen):
+    """Every method at every budget: the rows of eval.json, and per budget SOL's actions (E, T) and the search."""
+    dense_nll, _, _ = score(run, ec, test, torch.ones(3), lambda: sol.dense_scheduler(run.grid))
     rows, details = [], {}
     for b in budgets:
-        fixed = fixed_for(b)
-        target = torch.tensor([1.0 if v is None else v for v in fixed])
-        cal = calibrate(model, policy, val, fixed, grid, acfg, C, ec.eval_batch, prefilled=pre["val"])
-        bias = sol.multiplier_bias(grid, *cal)
-        res = {"sol": run("test", target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias))}
-        ach = res["sol"][1].tolist()  # every baseline spends what SOL spent
-        res["dense"] = (dense_nll, torch.ones(3), None)
-        res["static"] = run("test", target, lambda: sol.static_scheduler(acfg, ach))
-        res["random"] = run("test", target, lambda: plan_scheduler(acfg, lambda n: mix_plan(acfg, ach, n, T, gen)))
-        # candidates: half reorderings of static's values (local), half drawn from the whole grid (broad)
-        cands = torch.cat([mix_plan(acfg, ach, ec.search_schedules // 2, T, gen),
-                           search_candidates(acfg, ach, ec.search_schedules - ec.search_schedules // 2, T, gen)])
-        val_nll = torch.stack([run("val", target, lambda: plan_scheduler(acfg, c))[0].mean() for c in cands])
-        best = int(val_nll.argmin())
-        res["search"] = run("test", target, lambda: plan_scheduler(acfg, cands[best]))
-        th = fit_heuristic(model, val, ach, grid, acfg, C, ec.eval_batch, pre["val"])
-        res["heuristic"] = run("test", target, lambda: heuristic_scheduler(acfg, th))
-        details[b] = {"sol_actions": res["sol"][2], "search": {"val_nll": val_nll.tolist(), "best": best}}
+        res, requested, cal, search = every_method(run, ec, b, val, test, dense_nll, gen)
+        details[b] = {"sol_actions": res["sol"][2], "search": search}
         label = "trained target" if b is None else f"budget {b}"
-        print(f"\n{label}: target keep {fixed[0]} prune {fixed[1]} bits {None if fixed[2] is None else fixed[2] * 16:g}"
-              f" | {len(test)} test episodes x {T} steps | search: best of {len(cands)} on {len(val)} val episodes")
-        print(f"{'method':<10} {'nll':>7} {'ppl':>8} {'dppl vs static [95% CI]':>28} {'keep':>6} {'prune':>6} {'bits':>6}")
-        for m, (nll, a, _) in res.items():
-            d, lo, hi = bootstrap_delta(nll, res["static"][0], ec.bootstrap, gen)
-            asked = fixed if m == "sol" else [1.0] * 3 if m == "dense" else ach  # SOL: the target; the others: what SOL spent
-            off = sol.off_budget(a.tolist(), [x if on else None for x, on in zip(asked, enabled)])
-            flag = f"  OFF BUDGET: {', '.join(off)}" if off else ""
-            print(f"{m:<10} {nll.mean():7.4f} {nll.mean().exp():8.3f} {d:+9.3f} [{lo:+.3f}, {hi:+.3f}]{'':>4} "
-                  f"{a[0]:6.3f} {a[1]:6.3f} {a[2] * 16:6.2f}{flag}")
-            rows.append({"method": m, "budget": b, "target": axes(asked), "achieved": axes(a.tolist()), "nll": nll.mean().item(),
-                         "ppl": nll.mean().exp().item(), "tokens": len(nll) * T, "dppl_vs_static": d, "dppl_ci95": [lo, hi],
-                         "off_budget": off, "budget_multipliers": dict(zip(("lower", "upper", "upper_share"), (t.tolist() for t in cal)))
-                         if m == "sol" else None})
-        if any(r["off_budget"] for r in rows if r["budget"] == b):
-            print(f"OFF BUDGET: achieved more than {sol.BUDGET_TOL} (bits {sol.BUDGET_TOL * 16:g}) away from what the method was "
-                  "asked for (sol: the target; the others: sol's achieved budget)")
+        print(f"\n{label}: target keep {requested[0]} prune {requested[1]} bits {None if requested[2] is None else requested[2] * 16:g}"
+              f" | {len(test[0])} test episodes x {run.T} steps | search: best of {ec.search_schedules} on {len(val[0])} val episodes")
+        rows += budget_table(run, ec, b, res, requested, cal, gen)
+    return rows, details
 
-    # where the compute went
-    b0 = budgets[len(budgets) // 2]
-    acts = details[b0]["sol_actions"]  # (E, T)
-    compute = grid.budget[acts].mean(-1)  # (E, T) mean budget fraction of the step's action
-    enc = tokenizer(init, data_dir)
-    print(f"\nwhere the compute went ({'trained target' if b0 is None else f'budget {b0}'}; darker = more): "
+
+def where_compute_went(run, ec, b, actions, test, enc):
+    """Shade the first test episodes' tokens by SOL's compute (allocation.html); on the default corpus, compare
+    the tokens that need far context with the rest. actions (E, T) at budget b."""
+    C, T, grid = run.C, run.T, run.grid
+    compute = grid.budget[actions].mean(-1)  # (E, T) mean budget fraction of the step's action
+    print(f"\nwhere the compute went ({'trained target' if b is None else f'budget {b}'}; darker = more): "
           "each token shaded by the compute of the step that predicted it")
-    toks = test[:6, C + 1:]  # the controlled tokens of the first six test episodes, one per line
+    toks = test[0][:6, C + 1:]  # the controlled tokens of the first six test episodes, one per line
     shade([enc.decode([t]).replace("\n", " / ") + ("\n" if k % T == T - 1 else "") for k, t in enumerate(toks.flatten().tolist())],
-          compute[:6].flatten().tolist(), out_dir / "allocation.html")
-    starts = np.linspace(0, len(splits["test"]) - (C + T + 1), ec.eval_episodes).astype(np.int64)
-    report_alloc = None
-    if (data_dir / "test_recall.bin").exists():  # the default corpus knows which tokens need far context
-        rec = np.memmap(data_dir / "test_recall.bin", dtype=np.uint8, mode="r")
-        far = torch.from_numpy(np.stack([rec[s + C + 1:s + C + T + 1] for s in starts]).astype(bool))
-        dense_attn = grid.values[acts][..., 0] == 1.0
-        keep = grid.values[acts][..., 0]
-        report_alloc = {"dense_attention_share": {"far_context": dense_attn[far].float().mean().item(), "other": dense_attn[~far].float().mean().item()},
-                        "mean_keep": {"far_context": keep[far].mean().item(), "other": keep[~far].mean().item()}}
-        print(f"dense-attention steps: {report_alloc['dense_attention_share']['far_context']:.1%} of the tokens that need far context "
-              f"vs {report_alloc['dense_attention_share']['other']:.1%} of the rest (mean keep {report_alloc['mean_keep']['far_context']:.2f} vs {report_alloc['mean_keep']['other']:.2f})")
-    print(f"wrote {out_dir / 'allocation.html'}")
+          compute[:6].flatten().tolist(), run.out_dir / "allocation.html")
+    allocation = None
+    if (run.data_dir / "test_recall.bin").exists():  # the default corpus knows which tokens need far context
+        recall = np.memmap(run.data_dir / "test_recall.bin", dtype=np.uint8, mode="r")  # one flag per test token
+        far = episodes(recall, ec.eval_episodes, C + T + 1)[:, C + 1:].bool()  # (E, T), aligned with the test episodes
+        keep = grid.values[actions][..., 0]
+        dense_attn = keep == 1.0
+        allocation = {"dense_attention_share": {"far_context": dense_attn[far].float().mean().item(), "other": dense_attn[~far].float().mean().item()},
+                      "mean_keep": {"far_context": keep[far].mean().item(), "other": keep[~far].mean().item()}}
+        print(f"dense-attention steps: {allocation['dense_attention_share']['far_context']:.1%} of the tokens that need far context "
+              f"vs {allocation['dense_attention_share']['other']:.1%} of the rest (mean keep {allocation['mean_keep']['far_context']:.2f} vs {allocation['mean_keep']['other']:.2f})")
+    print(f"wrote {run.out_dir / 'allocation.html'}")
+    return allocation
 
-    mc_report = None
-    if items:
-        fixed = fixed_for(b0)
-        target = torch.tensor([1.0 if v is None else v for v in fixed])
-        cal = calibrate(model, policy, val, fixed, grid, acfg, C, ec.eval_batch, prefilled=pre["val"])
-        bias = sol.multiplier_bias(grid, *cal)
-        mc_report = {}
-        for m, make in (("sol", lambda: sol.policy_scheduler(policy, greedy=True, bias=bias)),
-                        ("static", lambda: sol.static_scheduler(acfg, target.tolist())),
-                        ("dense", lambda: sol.dense_scheduler(grid))):
-            right = sum(int(np.argmax(choice_loglik(model, enc, q, make, target, grid, acfg))) == q["answer"] for q in items)
-            mc_report[m] = right / len(items)
-        print(f"\nmultiple choice ({ec.mc}, {len(items)} questions, budget {fixed}): "
-              + ", ".join(f"{m} {acc:.1%}" for m, acc in mc_report.items()))
 
-    png = pareto_plot(rows, out_dir / "pareto.png") if ec.plot and len(budgets) > 1 else None
-    report = {"dataset": dataset, "seed": ec.seed, "config": {**cfg, "eval": asdict(ec)},
-              "splits": {s: len(d) for s, d in splits.items()},
-              "episodes": {"val": len(val), "test": len(test), "steps_per_episode": T},
-              "results": rows, "allocation": report_alloc, "multiple_choice": mc_report,
+def multiple_choice(run, ec, b, val, enc):
+    """Accuracy on the questions, each answer the choice of highest log-likelihood, for SOL, static and dense at b."""
+    requested, target = requested_for(run, b)
+    make_sol, _ = calibrated_sol(run, ec, requested, val)
+    accuracy = {}
+    for m, make in (("sol", make_sol), ("static", lambda: sol.static_scheduler(run.acfg, target.tolist())),
+                    ("dense", lambda: sol.dense_scheduler(run.grid))):
+        right = sum(int(np.argmax(choice_loglik(run.model, enc, q, make, target, run.grid, run.acfg))) == q["answer"] for q in run.questions)
+        accuracy[m] = right / len(run.questions)
+    print(f"\nmultiple choice ({ec.mc}, {len(run.questions)} questions, budget {requested}): "
+          + ", ".join(f"{m} {acc:.1%}" for m, acc in accuracy.items()))
+    return accuracy
+
+
+def write_report(run, ec, budgets, rows, details, allocation, mc, val, test):
+    """eval.json, and the Pareto plot when there are budgets to plot."""
+    png = pareto_plot(rows, run.out_dir / "pareto.png") if ec.plot and len(budgets) > 1 else None
+    report = {"dataset": run.dataset, "seed": ec.seed, "config": {**run.cfg, "eval": asdict(ec)},
+              "splits": {s: len(d) for s, d in run.splits.items()},
+              "episodes": {"val": len(val[0]), "test": len(test[0]), "steps_per_episode": run.T},
+              "results": rows, "allocation": allocation, "multiple_choice": mc,
               "search": {str(b): d["search"] for b, d in details.items()}}
-    cli.save_atomic(json.dumps(report, indent=2), out_dir / "eval.json")
-    print(f"wrote {out_dir / 'eval.json'}" + (f" and {png}" if png else ""))
+    cli.save_atomic(json.dumps(report, indent=2), run.out_dir / "eval.json")
+    print(f"wrote {run.out_dir / 'eval.json'}" + (f" and {png}" if png else ""))
+
+
+def main(argv):
+    ec, budgets = parse(argv)
+    run = load_run(ec)
+    if ec.prompt:
+        return generate_side_by_side(run, ec, budgets[0], tokenizer(run))
+    val = held_out(run, ec, "val", ec.val_episodes)
+    test = held_out(run, ec, "test", ec.eval_episodes)
+    gen = torch.Generator().manual_seed(ec.seed)  # the baselines' random plans and the bootstrap
+    rows, details = evaluate_budgets(run, ec, budgets, val, test, gen)
+    b = budgets[len(budgets) // 2]  # the allocation and multiple choice at the middle budget
+    enc = tokenizer(run)
+    allocation = where_compute_went(run, ec, b, details[b]["sol_actions"], test, enc)
+    mc = multiple_choice(run, ec, b, val, enc) if run.questions else None
+    write_report(run, ec, budgets, rows, details, allocation, mc, val, test)
 
 
 def on_signal(signum, frame):

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 import eval as ev  # noqa: E402
 import sol  # noqa: E402
 from test_train import TINY  # noqa: E402
-from train import UsageError  # noqa: E402
+from cli import UsageError  # noqa: E402
 
 FAST = ["--val_episodes=8", "--eval_episodes=12", "--search_schedules=6", "--bootstrap=200", "--mc_questions=5"]
 
