@@ -1,5 +1,5 @@
 """
-Evaluate a trained SOL policy against every baseline at the same achieved budget (METHOD.md section 4).
+Evaluate a trained SOL policy against every baseline at the same achieved budget (docs/method.md section 4).
 
     python eval.py --out_dir out                                  # at the policy's training target
     python eval.py --out_dir out --budgets 0.2,0.35,0.5,0.65,0.8  # a sweep, and a Pareto plot
