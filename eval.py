@@ -29,10 +29,12 @@ import torch
 
 import cli
 import pretrained
+import schedules
 import sol
 from cli import UsageError, load_checkpoint, parse_args
 from data import episodes, load_dataset
-from sol import axes, calibrate, prefill, score_episodes
+from schedules import axes, calibrate
+from sol import prefill, score_episodes
 
 
 @dataclass
@@ -65,8 +67,8 @@ def mix_plan(acfg, budget, n, T, gen):
     """n schedules of T steps whose per-axis mean equals budget: the two grid values around it in the right
     proportion (random rounding of the count), in random order per schedule. (n, T, 3) value indices."""
     plan = torch.zeros(n, T, 3, dtype=torch.long)
-    for axis, (values, scale) in enumerate(sol.axis_lists(acfg)):
-        lo, hi, f = sol.bracket(values, scale, budget[axis])
+    for axis, (values, scale) in enumerate(schedules.axis_lists(acfg)):
+        lo, hi, f = schedules.bracket(values, scale, budget[axis])
         n_hi = (f * T + torch.rand(n, generator=gen)).floor().long()  # E[n_hi] = f*T exactly
         upper = torch.argsort(torch.rand(n, T, generator=gen), 1) < n_hi[:, None]
         plan[..., axis] = torch.where(upper, hi, lo)
@@ -77,7 +79,7 @@ def search_candidates(acfg, budget, n, T, gen):
     """Random schedules at the budget: every step's value drawn from the whole grid, then single steps moved
     one grid value up or down until the per-axis mean is within 0.005 of the budget. (n, T, 3) indices."""
     plan = torch.zeros(n, T, 3, dtype=torch.long)
-    for axis, (values, scale) in enumerate(sol.axis_lists(acfg)):
+    for axis, (values, scale) in enumerate(schedules.axis_lists(acfg)):
         order = sorted(range(len(values)), key=lambda k: values[k])
         fr = torch.tensor(sorted(values), dtype=torch.float64) / scale
         b = min(max(budget[axis], fr[0].item()), fr[-1].item())
@@ -370,7 +372,7 @@ def load_run(ec):
 def requested_for(run, b):
     """The budget requested at b (None: the policy's training target) on each axis, held to the grid's range (with
     a notice; None for an axis held dense), and as the policy's target tensor (3,)."""
-    requested, notices = sol.clamp_targets(run.acfg, run.trained_target if b is None else [b] * 3)
+    requested, notices = schedules.clamp_targets(run.acfg, run.trained_target if b is None else [b] * 3)
     for line in notices:
         print(line)
     return requested, torch.tensor([1.0 if v is None else v for v in requested])
@@ -391,8 +393,8 @@ def score(run, ec, split, target, make_scheduler):
 def calibrated_sol(run, ec, requested, val):
     """SOL greedy, its budget calibrated on validation: a scheduler factory, and the multipliers (lower, upper, share)."""
     cal = calibrate(run.model, run.policy, val[0], requested, run.grid, run.acfg, run.C, ec.eval_batch, prefilled=val[1])
-    bias = sol.multiplier_bias(run.grid, *cal)
-    return (lambda: sol.policy_scheduler(run.policy, greedy=True, bias=bias)), cal
+    bias = schedules.multiplier_bias(run.grid, *cal)
+    return (lambda: schedules.policy_scheduler(run.policy, greedy=True, bias=bias)), cal
 
 
 def generate_side_by_side(run, ec, b, enc):
@@ -402,7 +404,7 @@ def generate_side_by_side(run, ec, b, enc):
         raise UsageError(f"prompt plus --max_new_tokens must be 1..{run.model.cfg.block_size} tokens (got {len(ids)} + {ec.max_new_tokens})")
     requested, target = requested_for(run, b)
     make_sol, _ = calibrated_sol(run, ec, requested, held_out(run, ec, "val", ec.val_episodes))
-    for name, make in (("dense", lambda: sol.dense_scheduler(run.grid)), ("sol", make_sol)):
+    for name, make in (("dense", lambda: schedules.dense_scheduler(run.grid)), ("sol", make_sol)):
         new, ach = generate(run.model, ids, ec.max_new_tokens, make, target, run.grid, run.acfg)
         x = torch.tensor([ids + new])
         logp = torch.log_softmax(run.model(x[:, :-1])[0], -1)[0, len(ids) - 1:].gather(-1, x[0, len(ids):, None]).mean().item()
@@ -419,7 +421,7 @@ def every_method(run, ec, b, val, test, dense_nll, gen):
     res = {"sol": score(run, ec, test, target, make_sol)}
     ach = res["sol"][1].tolist()  # every baseline spends what SOL spent
     res["dense"] = (dense_nll, torch.ones(3), None)
-    res["static"] = score(run, ec, test, target, lambda: sol.static_scheduler(acfg, ach))
+    res["static"] = score(run, ec, test, target, lambda: schedules.static_scheduler(acfg, ach))
     res["random"] = score(run, ec, test, target, lambda: plan_scheduler(acfg, lambda n: mix_plan(acfg, ach, n, T, gen)))
     # candidates: half reorderings of static's values (local), half drawn from the whole grid (broad)
     cands = torch.cat([mix_plan(acfg, ach, ec.search_schedules // 2, T, gen),
@@ -442,7 +444,7 @@ def budget_table(run, ec, b, res, requested, cal, gen):
     for m, (nll, a, _) in res.items():
         d, lo, hi = bootstrap_delta(nll, res["static"][0], ec.bootstrap, gen)
         asked = requested if m == "sol" else [1.0] * 3 if m == "dense" else ach  # SOL: the target; the others: what SOL spent
-        off = sol.off_budget(a.tolist(), [x if on else None for x, on in zip(asked, enabled)])
+        off = schedules.off_budget(a.tolist(), [x if on else None for x, on in zip(asked, enabled)])
         flag = f"  OFF BUDGET: {', '.join(off)}" if off else ""
         print(f"{m:<10} {nll.mean():7.4f} {nll.mean().exp():8.3f} {d:+9.3f} [{lo:+.3f}, {hi:+.3f}]{'':>4} "
               f"{a[0]:6.3f} {a[1]:6.3f} {a[2] * 16:6.2f}{flag}")
@@ -451,14 +453,14 @@ def budget_table(run, ec, b, res, requested, cal, gen):
                      "off_budget": off, "budget_multipliers": dict(zip(("lower", "upper", "upper_share"), (t.tolist() for t in cal)))
                      if m == "sol" else None})
     if any(r["off_budget"] for r in rows):
-        print(f"OFF BUDGET: achieved more than {sol.BUDGET_TOL} (bits {sol.BUDGET_TOL * 16:g}) away from what the method was "
+        print(f"OFF BUDGET: achieved more than {schedules.BUDGET_TOL} (bits {schedules.BUDGET_TOL * 16:g}) away from what the method was "
               "asked for (sol: the target; the others: sol's achieved budget)")
     return rows
 
 
 def evaluate_budgets(run, ec, budgets, val, test, gen):
     """Every method at every budget: the rows of eval.json, and per budget SOL's actions (E, T) and the search."""
-    dense_nll, _, _ = score(run, ec, test, torch.ones(3), lambda: sol.dense_scheduler(run.grid))
+    dense_nll, _, _ = score(run, ec, test, torch.ones(3), lambda: schedules.dense_scheduler(run.grid))
     rows, details = [], {}
     for b in budgets:
         res, requested, cal, search = every_method(run, ec, b, val, test, dense_nll, gen)
@@ -499,8 +501,8 @@ def multiple_choice(run, ec, b, val, enc):
     requested, target = requested_for(run, b)
     make_sol, _ = calibrated_sol(run, ec, requested, val)
     accuracy = {}
-    for m, make in (("sol", make_sol), ("static", lambda: sol.static_scheduler(run.acfg, target.tolist())),
-                    ("dense", lambda: sol.dense_scheduler(run.grid))):
+    for m, make in (("sol", make_sol), ("static", lambda: schedules.static_scheduler(run.acfg, target.tolist())),
+                    ("dense", lambda: schedules.dense_scheduler(run.grid))):
         right = sum(int(np.argmax(choice_loglik(run.model, enc, q, make, target, run.grid, run.acfg))) == q["answer"] for q in run.questions)
         accuracy[m] = right / len(run.questions)
     print(f"\nmultiple choice ({ec.mc}, {len(run.questions)} questions, budget {requested}): "

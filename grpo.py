@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import schedules
 import sol
 from cli import UsageError
 
@@ -58,10 +59,10 @@ def targets(cfg, acfg):
     asked = (cfg.target_keep if cfg.target_keep is not None else cfg.target_budget,
              cfg.target_prune if cfg.target_prune is not None else cfg.target_budget,
              cfg.target_bits / 16 if cfg.target_bits is not None else cfg.target_budget)
-    for name, value in zip(sol.AXES, asked):
+    for name, value in zip(schedules.AXES, asked):
         if not 0 < value <= 1:
             raise UsageError(f"the {name} target must lie in (0, 1] (bits: in (0, 16]), got {value}; e.cfg. --target_budget=0.5")
-    requested, notices = sol.clamp_targets(acfg, asked)
+    requested, notices = schedules.clamp_targets(acfg, asked)
     for line in notices:
         print(line)
     return requested
@@ -161,7 +162,7 @@ def rollouts(model, policy, x, target, grid, acfg, cfg, shard=(0, 1)):
         forked = cache.fork(K, T)  # the K rollouts of a sequence all read its one prefix cache
         dense = F.log_softmax(model(x[:, C:C + T], cache)[0].float(), -1)  # teacher-forced: all T steps in one forward
         ref = dense.repeat_interleave(K, 0) if cfg.task_w_kl > 0 else None  # (B*K, T, V), for the KL reward
-        scheduler = sol.policy_scheduler(policy, greedy=False, shard=shard)
+        scheduler = schedules.policy_scheduler(policy, greedy=False, shard=shard)
         roll = sol.rollout(model, forked, h0.repeat_interleave(K, 0), x[:, C:].repeat_interleave(K, 0),
                            target.repeat_interleave(K, 0), scheduler, grid, acfg, ref)
     return roll, dense.gather(-1, x[:, C + 1:, None])[..., 0]

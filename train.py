@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 import grpo
 import pretrained
+import schedules
 import sol
 from cli import UsageError, check_memory, episode_bytes, load_checkpoint, n_params, parse_args, pretrain_bytes, save_atomic
 from data import episodes, load_dataset, random_windows
@@ -209,18 +210,18 @@ def evaluate(model, policy, eps, requested, grid, acfg, C, batch, cal):
     """SOL (greedy, budget-calibrated), dense, and static at SOL's achieved budget, on the same episodes. Each
     method's achieved budget is checked against what it was asked for: off_budget lists the axes it missed."""
     target = torch.tensor([1.0 if v is None else v for v in requested], device=eps.device)
-    bias = sol.multiplier_bias(grid, *cal)
+    bias = schedules.multiplier_bias(grid, *cal)
     pre = sol.prefill_batches(model, eps, C, batch)
-    nll, achieved, _ = sol.score_episodes(model, eps, target, lambda: sol.policy_scheduler(policy, greedy=True, bias=bias), grid, acfg, C, batch, pre)
+    nll, achieved, _ = sol.score_episodes(model, eps, target, lambda: schedules.policy_scheduler(policy, greedy=True, bias=bias), grid, acfg, C, batch, pre)
     rows = [("sol", requested, nll, achieved)]
-    nll, dense, _ = sol.score_episodes(model, eps, target, lambda: sol.dense_scheduler(grid), grid, acfg, C, batch, pre)
+    nll, dense, _ = sol.score_episodes(model, eps, target, lambda: schedules.dense_scheduler(grid), grid, acfg, C, batch, pre)
     rows.append(("dense", [1.0, 1.0, 1.0], nll, dense))
     matched = achieved.tolist()
-    nll, static, _ = sol.score_episodes(model, eps, target, lambda: sol.static_scheduler(acfg, matched), grid, acfg, C, batch, pre)
+    nll, static, _ = sol.score_episodes(model, eps, target, lambda: schedules.static_scheduler(acfg, matched), grid, acfg, C, batch, pre)
     rows.append(("static", matched, nll, static))
     T = eps.size(1) - C - 1
     asked = lambda t: [x if v is not None else None for x, v in zip(t, requested)]  # axes held dense are not checked
-    return [{"method": m, "target": sol.axes(t), "achieved": sol.axes(a.tolist()), "off_budget": sol.off_budget(a.tolist(), asked(t)),
+    return [{"method": m, "target": schedules.axes(t), "achieved": schedules.axes(a.tolist()), "off_budget": schedules.off_budget(a.tolist(), asked(t)),
              "nll": n.mean().item(), "ppl": math.exp(n.mean().item()), "tokens": n.numel() * T} for m, t, n, a in rows]
 
 
@@ -483,14 +484,14 @@ def final_evaluation(run, model, policy):
 
 def evaluate_and_report(model, policy, run):
     tc, C, T, device = run.tc, run.grpo_cfg.context_len, run.grpo_cfg.rollout_len, run.device
-    cal = sol.calibrate(model, policy, episodes(run.splits["val"], tc.eval_episodes // 2, C + T + 1).to(device), run.requested,
+    cal = schedules.calibrate(model, policy, episodes(run.splits["val"], tc.eval_episodes // 2, C + T + 1).to(device), run.requested,
                         run.grid, run.acfg, C, tc.eval_batch)
     eps = episodes(run.splits["test"], tc.eval_episodes, C + T + 1).to(device)
     results = evaluate(model, policy, eps, run.requested, run.grid, run.acfg, C, tc.eval_batch, cal)
     lower, upper, share = (t.tolist() for t in cal)
     print(f"\ntest split, {len(eps)} episodes x {T} controlled steps, greedy policy, budget multipliers "
           + ", ".join(f"{name} {lo:+.2f}" + (f" / {hi:+.2f} on {f:.0%} of steps" if f else "")
-                      for name, v, lo, hi, f in zip(sol.AXES, run.requested, lower, upper, share) if v is not None)
+                      for name, v, lo, hi, f in zip(schedules.AXES, run.requested, lower, upper, share) if v is not None)
           + f" (fit on val), seed {tc.seed}")
     print(f"{'method':<8} {'nll':>7} {'ppl':>8} {'keep':>6} {'prune':>6} {'bits':>6}")
     for r in results:
@@ -498,7 +499,7 @@ def evaluate_and_report(model, policy, run):
         flag = f"  OFF BUDGET: {', '.join(r['off_budget'])}" if r["off_budget"] else ""
         print(f"{r['method']:<8} {r['nll']:7.4f} {r['ppl']:8.3f} {a['keep']:6.3f} {a['prune']:6.3f} {a['bits']:6.2f}{flag}")
     if any(r["off_budget"] for r in results):
-        print(f"OFF BUDGET: achieved more than {sol.BUDGET_TOL} (bits {sol.BUDGET_TOL * 16:g}) away from what the method was "
+        print(f"OFF BUDGET: achieved more than {schedules.BUDGET_TOL} (bits {schedules.BUDGET_TOL * 16:g}) away from what the method was "
               "asked for (sol: the target; static: sol's achieved budget)")
     report = {"dataset": tc.dataset, "seed": tc.seed, "config": run.config,
               "budget_multipliers": {"lower": lower, "upper": upper, "upper_share": share},

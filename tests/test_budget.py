@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import cli  # noqa: E402
 import grpo  # noqa: E402
+import schedules  # noqa: E402
 import sol  # noqa: E402
 import train  # noqa: E402
 from test_train import TINY  # noqa: E402
@@ -79,21 +80,21 @@ def test_mixed_calibration_meets_a_target_between_two_jumps():
     gen = torch.Generator().manual_seed(0)
     val, test = (torch.randint(0, CFG.vocab_size, (n, 40 + 8 + 1), generator=gen) for n in (32, 24))
     fixed, target = [0.6, 0.7, None], torch.tensor([0.6, 0.7, 1.0])
-    spent = lambda bias: sol.score_episodes(model, test, target, lambda: sol.policy_scheduler(policy, True, bias=bias), grid, acfg, 40, 8)[1]
+    spent = lambda bias: sol.score_episodes(model, test, target, lambda: schedules.policy_scheduler(policy, True, bias=bias), grid, acfg, 40, 8)[1]
     # no single multiplier meets either target: a scan over the whole range bisection searches
     reached = {tuple(round(x, 4) for x in spent(grid.budget @ torch.tensor([float(lam), float(lam), 0.0])).tolist()[:2])
                for lam in np.linspace(-20, 20, 21)}
     assert {k for k, _ in reached} == {0.25, 1.0} and {p for _, p in reached} == {0.4, 1.0}, reached
-    cal = sol.calibrate(model, policy, val, fixed, grid, acfg, 40, 32)  # fit on val
-    achieved = spent(sol.multiplier_bias(grid, *cal))  # reported on test, in batches of 8 rows
-    assert abs(achieved[0] - 0.6) <= sol.BUDGET_TOL and abs(achieved[1] - 0.7) <= sol.BUDGET_TOL, (achieved, cal)
+    cal = schedules.calibrate(model, policy, val, fixed, grid, acfg, 40, 32)  # fit on val
+    achieved = spent(schedules.multiplier_bias(grid, *cal))  # reported on test, in batches of 8 rows
+    assert abs(achieved[0] - 0.6) <= schedules.BUDGET_TOL and abs(achieved[1] - 0.7) <= schedules.BUDGET_TOL, (achieved, cal)
     assert 0 < cal[2][0] < 1 and 0 < cal[2][1] < 1 and cal[2][2] == 0  # mixed on both controlled axes, bits untouched
 
 
 def test_multiplier_bias_mixes_in_the_given_share():
     grid = sol.action_grid(sol.ActionConfig())
     lower, upper, share = torch.tensor([-1.0, 0.0, 2.0]), torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.3, 0.0, 0.0])
-    bias = sol.multiplier_bias(grid, lower, upper, share)
+    bias = schedules.multiplier_bias(grid, lower, upper, share)
     rows = torch.cat([bias(t, 10) for t in range(4)])  # (40, A): 4 steps of 10 rows
     up = (rows == grid.budget @ upper).all(1)
     assert torch.equal(up | (rows == grid.budget @ lower).all(1), torch.ones(40, dtype=torch.bool))  # every row one of the two
@@ -191,7 +192,7 @@ def test_memory_estimate_is_an_upper_bound_of_a_real_grpo_batch():
     forked = cache.fork(g.rollouts, 16)
     policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.values))
     roll = sol.rollout(model, forked, h0.repeat_interleave(64, 0), x[:, 40:].repeat_interleave(64, 0), torch.full((256, 3), 0.5),
-                       sol.policy_scheduler(policy, greedy=False), grid, acfg)
+                       schedules.policy_scheduler(policy, greedy=False), grid, acfg)
     kept = sum(t.numel() * t.element_size() for t in (*roll.values(), cache.k, cache.v, forked.k, forked.v) if torch.is_tensor(t))
     assert kept < cli.episode_bytes(CFG, g.batch_size, g.rollouts, 40, 16)
 

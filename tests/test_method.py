@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import eval as ev  # noqa: E402
 import cli  # noqa: E402
 import grpo  # noqa: E402
+import schedules  # noqa: E402
 import sol  # noqa: E402
 import train  # noqa: E402
 from test_train import TINY  # noqa: E402
@@ -167,7 +168,7 @@ def test_rollout_kl_is_the_dense_to_sparse_divergence():
     close(roll["kl"], want)
     assert (want > 1e-3).all()  # the cheapest action really changes the prediction
     cache, h0 = sol.prefill(model, x, C, T)
-    same = sol.rollout(model, cache, h0, x[:, C:], target, sol.dense_scheduler(grid), grid, acfg, dense)
+    same = sol.rollout(model, cache, h0, x[:, C:], target, schedules.dense_scheduler(grid), grid, acfg, dense)
     close(same["kl"], torch.zeros(N, T))
 
 # -----------------------------------------------------------------------------
@@ -195,10 +196,10 @@ def test_scheduler_samples_softmax_over_temperature_and_logprobs_agree():
     for bias in (None, torch.tensor([0.0, 0.0, 2.5, 0.0])):
         z = [(l + (0 if bias is None else b)) / tau for l, b in zip(logits, bias if bias is not None else [0] * 4)]
         p = [math.exp(v) / sum(math.exp(u) for u in z) for v in z]
-        a = sol.policy_scheduler(policy, greedy=False, generator=gen, bias=bias)(0, obs)
+        a = schedules.policy_scheduler(policy, greedy=False, generator=gen, bias=bias)(0, obs)
         freq = torch.bincount(a, minlength=4).float() / N
         close(freq, p, 0.015)  # 3.5 standard errors at most
-        greedy = sol.policy_scheduler(policy, greedy=True, bias=bias)(0, obs)
+        greedy = schedules.policy_scheduler(policy, greedy=True, bias=bias)(0, obs)
         assert (greedy == (0 if bias is None else 2)).all()  # logits + bias: 2 < 0 + 2.5
     # the training loss replays the steps at the same temperature: its log pi is the sampling distribution's
     roll = {k: v[:, None] for k, v in obs.items()} | {"action": a[:, None]}
@@ -331,7 +332,7 @@ def test_rollout_scalars_and_early_dense_steps():
     actions[:, 3] = 0  # the cheapest action at the first controlled step: it must show in the log-probs
     target = torch.tensor([[0.5, 0.6, 0.7], [0.2, 0.4, 0.5], [1.0, 1.0, 1.0]])
     runs = {}
-    for name, scheduler in (("dense", sol.dense_scheduler(grid)), ("sched", lambda t, obs: actions[:, t])):
+    for name, scheduler in (("dense", schedules.dense_scheduler(grid)), ("sched", lambda t, obs: actions[:, t])):
         cache, h0 = sol.prefill(model, x, C, T)
         runs[name] = sol.rollout(model, cache, h0, x[:, C:], target, scheduler, grid, acfg)
     roll, dense = runs["sched"], runs["dense"]
@@ -401,15 +402,15 @@ def test_calibration_meets_the_target():
     eps = episodes(16, C, T)
     for fixed in ([0.25, 0.85, 0.4], [0.8, None, 0.35]):
         target = torch.tensor([1.0 if v is None else v for v in fixed])
-        cal = sol.calibrate(model, policy, eps, fixed, grid, acfg, C, 16)
-        greedy = lambda bias: lambda: sol.policy_scheduler(policy, greedy=True, bias=bias)
-        achieved = sol.score_episodes(model, eps, target, greedy(sol.multiplier_bias(grid, *cal)), grid, acfg, C, 16)[1]
+        cal = schedules.calibrate(model, policy, eps, fixed, grid, acfg, C, 16)
+        greedy = lambda bias: lambda: schedules.policy_scheduler(policy, greedy=True, bias=bias)
+        achieved = sol.score_episodes(model, eps, target, greedy(schedules.multiplier_bias(grid, *cal)), grid, acfg, C, 16)[1]
         raw = sol.score_episodes(model, eps, target, greedy(None), grid, acfg, C, 16)[1]
         for axis in range(3):
             if fixed[axis] is None:
                 assert all(c[axis] == 0 for c in cal)
                 continue
-            assert abs(achieved[axis] - target[axis]) <= sol.BUDGET_TOL, (fixed, axis, achieved)
+            assert abs(achieved[axis] - target[axis]) <= schedules.BUDGET_TOL, (fixed, axis, achieved)
         assert (raw - target).abs().max() > 0.1  # uncalibrated, the greedy policy is off the target
 
 
@@ -434,7 +435,7 @@ def test_search_schedules_spend_the_budget():
     cands = ev.search_candidates(acfg, budget, 3, T, torch.Generator().manual_seed(0))
     for c in cands:  # what the decoded schedule spends, read off the grid: each axis within 0.005 of the budget
         spent = sol.score_episodes(model, eps, torch.ones(3), lambda: ev.plan_scheduler(acfg, c), grid, acfg, C, 4)[1]
-        values = [torch.tensor(v, dtype=torch.float32)[c[:, i]] / s for i, (v, s) in enumerate(sol.axis_lists(acfg))]
+        values = [torch.tensor(v, dtype=torch.float32)[c[:, i]] / s for i, (v, s) in enumerate(schedules.axis_lists(acfg))]
         close(spent, [v.mean() for v in values])
         close(spent, budget, 0.0051)
 
@@ -447,7 +448,7 @@ def test_generate_dense_is_plain_greedy_decoding():
     model, acfg = gpt(std=0.2), sol.ActionConfig()
     grid = sol.action_grid(acfg)
     ids, n = [3, 14, 15, 9, 26], 12
-    new, achieved = ev.generate(model, ids, n, lambda: sol.dense_scheduler(grid), torch.full((3,), 0.5), grid, acfg)
+    new, achieved = ev.generate(model, ids, n, lambda: schedules.dense_scheduler(grid), torch.full((3,), 0.5), grid, acfg)
     x = list(ids)
     for _ in range(n):  # no cache: the whole sequence every step
         x.append(int(model(torch.tensor([x]))[0][0, -1].argmax()))
@@ -476,7 +477,7 @@ def test_choice_loglik_is_the_sum_of_full_forward_logprobs():
     grid = sol.action_grid(acfg)
     for question in ("the cat sat on", "a question longer than the block size, so its start is cut: " * 2):
         q = {"question": question, "choices": [" the mat", " a hat", " x"], "answer": 0}
-        got = ev.choice_loglik(model, enc, q, lambda: sol.dense_scheduler(grid), torch.ones(3), grid, acfg)
+        got = ev.choice_loglik(model, enc, q, lambda: schedules.dense_scheduler(grid), torch.ones(3), grid, acfg)
         for choice, value in zip(q["choices"], got):
             ids = enc.encode_ordinary(choice)
             x = torch.tensor([enc.encode_ordinary(question) + ids])[:, -48:]

@@ -14,6 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import pretrained  # noqa: E402
+import schedules  # noqa: E402
 import sol  # noqa: E402
 from data.synth.prepare import train_bpe  # noqa: E402
 from pretrained import LLAMA3_SPECIAL, llama3_encoding, tokenizer_file  # noqa: E402
@@ -118,9 +119,9 @@ def test_actions_on_pretrained_models(llama, gpt2):
             target = torch.full((4, 3), 0.5)
             forked = cache.fork(2, 19)  # two rollouts per row read the shared prefix, as in GRPO
             sparse = sol.rollout(model, forked, h0.repeat_interleave(2, 0), x[:, 40:].repeat_interleave(2, 0), target.repeat(2, 1),
-                                 sol.policy_scheduler(policy, greedy=False), grid, acfg)
-            shared = sol.rollout(model, cache.fork(1, 19), h0, x[:, 40:], target, sol.dense_scheduler(grid), grid, acfg)
-            dense = sol.rollout(model, cache, h0, x[:, 40:], target, sol.dense_scheduler(grid), grid, acfg)
+                                 schedules.policy_scheduler(policy, greedy=False), grid, acfg)
+            shared = sol.rollout(model, cache.fork(1, 19), h0, x[:, 40:], target, schedules.dense_scheduler(grid), grid, acfg)
+            dense = sol.rollout(model, cache, h0, x[:, 40:], target, schedules.dense_scheduler(grid), grid, acfg)
             assert torch.isfinite(sparse["logp"]).all() and not torch.equal(sparse["logp"][::2], dense["logp"])
             full = torch.log_softmax(model(x[:, :-1])[0].float(), -1)[:, 40:].gather(-1, x[:, 41:, None])[..., 0]
             tol = 1e-4 if dtype == torch.float32 else 0.1

@@ -19,6 +19,7 @@ from hypothesis import example, given, settings, strategies as st
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+import schedules  # noqa: E402
 import sol  # noqa: E402
 import train  # noqa: E402
 from test_train import TINY  # noqa: E402
@@ -375,8 +376,8 @@ def test_single_row_evaluation():
     grid = sol.action_grid(acfg)
     policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.values)).eval()
     eps, target = torch.randint(0, CFG.vocab_size, (1, 40 + 4 + 1)), torch.full((3,), 0.5)
-    for make in (lambda: sol.dense_scheduler(grid), lambda: sol.static_scheduler(acfg, [0.5, 0.5, 0.5]),
-                 lambda: sol.policy_scheduler(policy, greedy=True), lambda: sol.policy_scheduler(policy, greedy=False)):
+    for make in (lambda: schedules.dense_scheduler(grid), lambda: schedules.static_scheduler(acfg, [0.5, 0.5, 0.5]),
+                 lambda: schedules.policy_scheduler(policy, greedy=True), lambda: schedules.policy_scheduler(policy, greedy=False)):
         nll, achieved, _ = sol.score_episodes(model, eps, target, make, grid, acfg, 40, 1)
         assert nll.shape == (1,) and torch.isfinite(nll).all() and achieved.shape == (3,)
         cache, h0 = sol.prefill(model, eps, 40, 4)

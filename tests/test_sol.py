@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import schedules  # noqa: E402
 import sol  # noqa: E402
 
 CFG = sol.GPTConfig(block_size=96, vocab_size=64, n_layer=2, n_head=4, n_embd=32, mlp_hidden=48)
@@ -243,12 +244,12 @@ def test_rollout_dense_and_static_budgets(model):
         _, h = model(x[:, :C], cache)
         return sol.rollout(model, cache, h[:, -1], x[:, C:], target, scheduler, grid, acfg)
 
-    dense = run(sol.dense_scheduler(grid))
+    dense = run(schedules.dense_scheduler(grid))
     full = F.log_softmax(model(x[:, :-1])[0], -1)[:, C:].gather(-1, x[:, C + 1:, None])[..., 0]
     torch.testing.assert_close(dense["logp"], full, atol=1e-5, rtol=1e-5)
     assert torch.equal(dense["achieved"], torch.ones(N, 3))
     for budget in ([0.5, 0.5, 0.5], [0.3, 0.7, 0.6], [0.1, 0.4, 5 / 16]):
-        static = run(sol.static_scheduler(acfg, budget))
+        static = run(schedules.static_scheduler(acfg, budget))
         torch.testing.assert_close(static["achieved"].mean(0), torch.tensor(budget), atol=0.02, rtol=0)
         # its log-probs are the model's, decoded step by step under the actions it recorded
         steps = decode(model, x[:, :-1], C, grid.values[static["action"]], acfg)
@@ -257,8 +258,8 @@ def test_rollout_dense_and_static_budgets(model):
         assert (static["logp"] != dense["logp"]).any()
     # the policy scheduler samples valid actions and records what it saw
     policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.values))
-    roll = run(sol.policy_scheduler(policy, greedy=False, generator=torch.Generator().manual_seed(0)))
-    greedy = run(sol.policy_scheduler(policy, greedy=True))
+    roll = run(schedules.policy_scheduler(policy, greedy=False, generator=torch.Generator().manual_seed(0)))
+    greedy = run(schedules.policy_scheduler(policy, greedy=True))
     assert roll["action"].shape == (N, T) and (roll["action"] != greedy["action"]).float().mean() > 0.5  # sampled, not the mode
     assert roll["prev_action"][:, 0].eq(len(grid.values)).all()  # BOS before the first step
     assert roll["scalars"].shape == (N, T, 8) and torch.equal(roll["prev_action"][:, 1:], roll["action"][:, :-1])
