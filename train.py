@@ -463,8 +463,6 @@ def train_policy(run, model, policy, opt, initial):
     STOP["defer"] = False
     if run.skipped:
         print(f"warning: {run.skipped} of {cfg.max_iters} GRPO updates were skipped for non-finite rewards, advantages or losses")
-    if run.start >= cfg.max_iters:
-        print(f"{run.ckpt_path} already finished {run.start} iterations; evaluating it (--overwrite trains a new one)")
     if run.ddp:
         dist.destroy_process_group()
 
@@ -474,6 +472,8 @@ def final_evaluation(run, model, policy):
     table, and eval.json. Interrupted, it leaves no eval.json half-written and says how to evaluate again."""
     policy.eval()
     try:
+        if run.start >= run.grpo_cfg.max_iters:  # said inside the try: a signal right after it is handled as one during evaluation
+            print(f"{run.ckpt_path} already finished {run.start} iterations; evaluating it (--overwrite trains a new one)")
         evaluate_and_report(model, policy, run)
     except KeyboardInterrupt:
         print(f"{signal.Signals(STOP['signal'] or signal.SIGINT).name}: stopped during the final evaluation, {run.out_dir / 'eval.json'} "
