@@ -156,7 +156,7 @@ def test_nan_reward_skips_the_update_not_the_policy(tmp_path, monkeypatch, capsy
             out["logp"][1, 0] = float("nan")
         return out
     monkeypatch.setattr(sol, "rollout", rollout)
-    train.main([*TINY, f"--out_dir={tmp_path / 'out'}", "--ckpt_interval=1"])
+    train.main([*TINY, f"--out_dir={tmp_path / 'out'}", "--ckpt_interval=1", "--kl_coef=0.1"])  # the KL term keeps initial_policy
     said = capsys.readouterr()
     assert "warning: iteration 2: non-finite reward, advantage or loss; update skipped (1 so far)" in said.err + said.out
     assert "1 of 3 GRPO updates were skipped" in said.out
