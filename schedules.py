@@ -141,4 +141,4 @@ def calibrate(model, policy, eps, requested, grid, acfg, C, batch, steps=8, pref
 
 def axes(v):
     """Budget fractions (keep, prune, bits/16) as reported: bits in bits, None for an axis held dense."""
-    return {name: None if x is None else float(x) * scale for name, x, scale in zip(("keep", "prune", "bits"), v, (1, 1, 16))}
+    return {name: None if x is None else float(x) * scale for name, x, scale in zip(AXES, v, (1, 1, 16))}

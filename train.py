@@ -428,7 +428,8 @@ def train_policy(run, model, policy, opt, initial):
     one at the end of the iteration, then exit. Every process draws the whole batch (all generators stay in
     step, so the rank-0 checkpoint resumes any of them) and keeps its own rows: W processes train as one would."""
     cfg, device, K = run.grpo_cfg, run.device, run.grpo_cfg.rollouts
-    B, rows = cfg.batch_size // run.world, slice(run.rank * (cfg.batch_size // run.world), (run.rank + 1) * (cfg.batch_size // run.world))
+    B = cfg.batch_size // run.world  # this process's sequences
+    rows = slice(run.rank * B, (run.rank + 1) * B)
     draw = lambda: (random_windows(run.splits["train"], cfg.batch_size, cfg.context_len + cfg.rollout_len + 1, run.rng)[rows].to(device),
                     grpo.sample_targets(cfg, run.requested, cfg.batch_size, run.rng)[rows].to(device))  # (B, C+T+1), (B, 3)
     trained = DDP(policy, device_ids=[run.local] if device == "cuda" else None) if run.ddp else policy
