@@ -5,6 +5,7 @@ runs after a warm-up; nothing here is asserted by the tests.
     python bench.py                 # the default GPT config
     python bench.py --large         # and a larger one
     python bench.py --json          # one JSON object instead of the table
+    python bench.py --compare=true  # only the GRPO step at the shape of the side-by-side with the authors' loop
     python bench.py --init_from path/to/model.gguf --dtype bfloat16 --context_len 128 --rollout_len 8 --batch_size 4
                                     # and a pretrained model's architecture (random weights: the timings do not
                                     # depend on them), without the pretraining figure
@@ -14,7 +15,9 @@ runs after a warm-up; nothing here is asserted by the tests.
    for K = 1 and K = 16 (the K rollouts read one shared prefix cache);
 3. decode latency per step at batch 1, by action: dense, a keep sweep, a prune sweep, bits; and the
    attention and MLP of one layer alone, where the savings are decided;
-4. the policy's share of the FLOPs of a decode step.
+4. the policy's share of the FLOPs of a decode step;
+5. the aten operations of one rollout decode step, dense and sampled, per layer, for every attention criterion:
+   on a CPU each is one dispatch, on a GPU each but the views is one kernel launch.
 """
 import json
 import os
@@ -28,6 +31,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pretrained
 import grpo
@@ -49,9 +53,16 @@ class BenchConfig:
     decode_context: int = 4096  # keys in the cache for the decode latencies
     init_from: str = ""  # also a checkpoint folder's or GGUF file's architecture
     dtype: str = "float32"  # of the GPT: float32 | bfloat16 (the policy stays float32, as in train.py)
+    compare: bool = False  # instead: the GRPO step at COMPARE's shape, per criterion
 
 
 LARGE = dict(n_layer=4, n_head=8, n_embd=512, mlp_hidden=1408)
+# the shape at which this GRPO step was measured beside the authors' own loop (docs/performance.md): a tiny
+# Llama-style GPT, B 4 sequences x K 16 rollouts, context 256, 16 steps, 420 actions, a policy 128 wide
+COMPARE = dict(gpt=GPTConfig(vocab_size=512, n_layer=4, n_head=4, n_embd=128, mlp_hidden=352),
+               actions=ActionConfig(keep=tuple(i / 10 for i in range(1, 11)), prune=tuple(i / 10 for i in range(4, 11)),
+                                    bits=(5, 6, 8, 10, 12, 16)),
+               policy=PolicyConfig(width=128), batch_size=4, context_len=256, rollout_len=16)
 
 
 def sync(device):
@@ -96,10 +107,9 @@ def pretrain_speed(gcfg, bc, device):
     return x[:, :-1].numel() / timeit(step, max(bc.reps // 2, 2), device), flops_per_token
 
 
-def grpo_setup(gcfg, bc, device, K):
+def grpo_setup(gcfg, bc, device, K, acfg=ActionConfig(), pcfg=PolicyConfig()):
     """A frozen GPT, a fresh policy and grpo.iteration, the training step itself, on random token sequences."""
     torch.manual_seed(bc.seed)
-    acfg, pcfg = ActionConfig(), PolicyConfig()
     cfg = grpo.GRPOConfig(rollouts=K, batch_size=bc.batch_size, context_len=bc.context_len, rollout_len=bc.rollout_len)
     grid, requested = sol.action_grid(acfg), grpo.targets(cfg, acfg)
     grid = grid._replace(values=grid.values.to(device), budget=grid.budget.to(device))
@@ -111,6 +121,42 @@ def grpo_setup(gcfg, bc, device, K):
     draw = lambda: (torch.randint(0, gcfg.vocab_size, (B, C + T + 1), generator=gen).to(device),
                     torch.tensor([requested]).expand(B, 3).to(device))
     return lambda: grpo.iteration(model, policy, opt, draw, grid, acfg, cfg, [True] * 3)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations run inside it, and of those the views (no kernel of their own on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.views += func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def step_ops(gcfg, acfg, bc, device, K=16):
+    """Aten operations of one rollout decode step of the GPT, on B*K rows forked from B prefilled sequences: dense
+    (no actions) and sampled (a random action per row). A 2-layer model less a 1-layer one gives the operations of
+    a layer; the rest (embedding, the step's shared work, the final norm) are the step's own."""
+    B, C, T = bc.batch_size, bc.context_len, bc.rollout_len
+    grid, counts = sol.action_grid(acfg), {}
+    for n_layer in (1, 2):
+        torch.manual_seed(bc.seed)
+        model = sol.GPT(replace(gcfg, n_layer=n_layer, block_size=C + T)).to(device, getattr(torch, bc.dtype)).eval()
+        x = torch.randint(0, gcfg.vocab_size, (B, C + 1), device=device)
+        with torch.no_grad():
+            cache = sol.prefill(model, x, C, T)[0]
+            for name, a in (("dense", None), ("sampled", torch.randint(0, len(grid.values), (B * K,), device=device))):
+                with OpCounter() as c:
+                    model(x[:, C:].repeat_interleave(K, 0), cache.fork(K, T), None if a is None else grid.values.to(device)[a], acfg)
+                counts[name, n_layer] = (c.ops, c.views)
+    out = {}
+    for name in ("dense", "sampled"):
+        (ops1, views1), (ops2, views2) = counts[name, 1], counts[name, 2]
+        out[name] = {"per_layer": ops2 - ops1, "per_layer_views": views2 - views1, "per_step": 2 * ops1 - ops2}
+    return out
 
 
 def rss(field):
@@ -171,7 +217,7 @@ def decode_latency(gcfg, bc, device):
         mlp, h = model.blocks[0].mlp, torch.randn(1, 1, gcfg.n_embd, device=device, dtype=getattr(torch, bc.dtype))
         out["mlp"]["dense"] = timeit(lambda: mlp(h), bc.reps, device)
         for prune in acfg.prune:
-            out["mlp"][f"prune {prune:g}"] = timeit(lambda: mlp(h, act(prune=prune)), bc.reps, device)
+            out["mlp"][f"prune {prune:g}"] = timeit(lambda: mlp(h, sol.resolve(act(prune=prune), 1, acfg, gcfg.mlp_hidden)), bc.reps, device)
     return out
 
 

@@ -81,22 +81,14 @@ CRITERIA = ("recency", "relevancy", "relevancy_layer", "quest")
 
 def topn_mask(score, n):
     """Boolean mask of the n[r] largest entries along the last dim of score (N, ..., M), per row r; of equal
-    entries the earlier ones first: one stable sort. On a CPU, topn_select gives the same mask ~4x faster."""
+    entries the earlier ones first, as one stable sort would keep them. Built without sorting: row r, padded
+    with M - n[r] entries above every score and n[r] below, has its n[r]-th largest score as its M-th largest,
+    so one selection finds every row's threshold, whatever the n; the entries above it are kept, and of those
+    equal to it the first few, by a running count."""
+    M = score.size(-1)
     n = n.view(-1, *[1] * (score.dim() - 1))
-    if not score.is_cuda:
-        return topn_select(score, n)
-    order = torch.argsort(score, dim=-1, descending=True, stable=True)
-    kept = torch.arange(score.size(-1), device=score.device) < n
-    return torch.zeros_like(order, dtype=torch.bool).scatter(-1, order, kept.expand_as(order))
-
-
-def topn_select(score, n):
-    """topn_mask by selection, one per distinct n: the n-th largest entry is the threshold, and of the entries
-    equal to it the first n - (number above it) are kept. n (N, 1, ..., 1)."""
-    M, nth = score.size(-1), torch.empty_like(score[..., :1])
-    for k in n.unique().tolist():
-        rows = (n == k).flatten()
-        nth[rows] = score[rows].kthvalue(M - k + 1, -1, keepdim=True).values
+    pad = torch.where(torch.arange(M, device=score.device) < M - n, float("inf"), float("-inf")).to(score.dtype)
+    nth = torch.cat([score, pad.expand_as(score)], -1).kthvalue(M + 1, -1, keepdim=True).values
     above, tie = score > nth, score == nth
     return above | (tie & (tie.cumsum(-1) <= n - above.sum(-1, keepdim=True)))
 
@@ -146,17 +138,18 @@ def n_kept(keep, M):
 
 
 def page_bounds(keys, S):
-    """Keys (..., L, hd) in pages of S -> the centre and radius of each page's bounding box, (..., ceil(L/S), hd)."""
+    """Keys (..., L, hd) in pages of S -> each page's bounding box, its centre then its radius, (..., ceil(L/S), 2 hd)."""
     P = math.ceil(keys.size(-2) / S)
     pad = keys[..., -1:, :].expand(*keys.shape[:-2], P * S - keys.size(-2), -1)  # repeating a key leaves max/min as they are
     pages = torch.cat([keys, pad], -2).unflatten(-2, (P, S))
     hi, lo = pages.amax(-2), pages.amin(-2)
-    return (hi + lo) / 2, (hi - lo) / 2
+    return torch.cat([hi + lo, hi - lo], -1) / 2
 
 
-def page_scores(q, centre, radius):
-    """The largest q.k any key in a page's box can reach, sum_d max(q_d kmax_d, q_d kmin_d) = q.centre + |q|.radius."""
-    return q @ centre.transpose(-2, -1) + q.abs() @ radius.transpose(-2, -1)
+def page_scores(q, box):
+    """The largest q.k any key in a page's box can reach, sum_d max(q_d kmax_d, q_d kmin_d) = q.centre + |q|.radius:
+    one product of [q, |q|] (..., T, 2 hd) with the boxes (..., P, 2 hd)."""
+    return torch.cat([q, q.abs()], -1) @ box.transpose(-2, -1)
 
 
 def middle_scores(q, k, acfg):
@@ -166,35 +159,65 @@ def middle_scores(q, k, acfg):
     Ts, M = acfg.sinks, k.size(2) - 1 - acfg.window - acfg.sinks
     mid = k[:, :, Ts:Ts + M]
     if acfg.criterion == "quest":
-        return page_scores(q, *page_bounds(mid, acfg.page_size))
+        return page_scores(q, page_bounds(mid, acfg.page_size))
     score = q @ mid.transpose(-2, -1)
     return score.mean(1, keepdim=True).expand_as(score) if acfg.criterion == "relevancy_layer" else score
+
+
+def kept_keys(keep, L, acfg):
+    """What keep fractions (N,) keep of a query's L keys, the same in every layer (so a decode step resolves
+    it once): under recency the mask itself, the sinks, the most recent of the M middle keys and the window,
+    (N, 1, 1, L); under the other criteria how many middle keys each row keeps (quest: pages of S), (N,).
+    None when there is no middle to choose from (M <= 1): every key is kept."""
+    M = L - 1 - acfg.window - acfg.sinks
+    if acfg.criterion not in CRITERIA:
+        raise ValueError(f"unknown attention criterion {acfg.criterion!r}; use one of {', '.join(CRITERIA)}")
+    if M <= 1:
+        return None
+    if acfg.criterion == "quest":
+        return torch.ceil(keep * M / acfg.page_size * (1 - 1e-6)).long().clamp(1, math.ceil(M / acfg.page_size))
+    n = n_kept(keep, M)
+    if acfg.criterion != "recency":
+        return n
+    recent = torch.arange(M, device=keep.device) >= M - n.view(-1, 1, 1, 1)  # (N, 1, 1, M)
+    return F.pad(recent, (acfg.sinks, acfg.window + 1), value=True)
+
+
+def key_mask(q, k, n, acfg, k0=None, qk=None):
+    """The keys one query per row keeps under a ranking criterion (relevancy, relevancy_layer, quest): q (N, H, 1, hd)
+    at position L-1 over its keys k (N, H, L, hd) -> (N, H, 1, L). n: kept_keys's count per row. With k0, the keys
+    are the shared prefix k0 then k (the fast path, see middle_scores_shared), and qk, when given, their q.k."""
+    M = k.size(2) + (0 if k0 is None else k0.size(2)) - 1 - acfg.window - acfg.sinks
+    score = middle_scores(q, k, acfg) if k0 is None else middle_scores_shared(q, k0, k, acfg, qk)
+    mid = topn_mask(score, n)
+    if acfg.criterion == "quest":  # whole pages
+        mid = mid.repeat_interleave(acfg.page_size, -1)[..., :M]
+    return F.pad(mid, (acfg.sinks, acfg.window + 1), value=True)
 
 
 def sparse_mask(q, k, keep, acfg, k0=None):
     """Keys kept by one query per row: q (N, H, 1, hd) at position L-1 over its keys k (N, H, L, hd)
     -> (N, H, 1, L). Sinks and window are always kept; of the M keys between them a fraction keep[r] is
-    kept. With k0, the keys are the shared prefix k0 then k (the fast path, see middle_scores_shared)."""
+    kept. With k0, the keys are the shared prefix k0 then k. The model resolves kept_keys once per decode step
+    and calls key_mask per layer; this is the two together."""
     N, H, L = k.size(0), k.size(1), k.size(2) + (0 if k0 is None else k0.size(2))
-    Ts, S = acfg.sinks, acfg.page_size
-    M = L - 1 - acfg.window - Ts
-    mask = torch.ones(N, H, 1, L, dtype=torch.bool, device=k.device)
-    if M <= 1:
-        return mask
-    n = n_kept(keep, M)
-    if acfg.criterion not in CRITERIA:
-        raise ValueError(f"unknown attention criterion {acfg.criterion!r}; use one of {', '.join(CRITERIA)}")
-    if acfg.criterion == "recency":  # the n most recent middle keys
-        keep_mid = (torch.arange(M, device=k.device) >= M - n.view(-1, 1, 1, 1)).expand(N, H, 1, M)
-    else:
-        score = middle_scores(q, k, acfg) if k0 is None else middle_scores_shared(q, k0, k, acfg)
-        if acfg.criterion == "quest":  # whole pages: the top ceil(keep M / S) of them
-            n_pages = torch.ceil(keep * M / S * (1 - 1e-6)).long().clamp(1, score.size(-1))
-            keep_mid = topn_mask(score, n_pages).repeat_interleave(S, -1)[..., :M]
-        else:
-            keep_mid = topn_mask(score, n)
-    mask[..., Ts:Ts + M] = keep_mid
-    return mask
+    keys = kept_keys(keep, L, acfg)
+    if keys is None:
+        return torch.ones(N, H, 1, L, dtype=torch.bool, device=k.device)
+    return (keys if acfg.criterion == "recency" else key_mask(q, k, keys, acfg, k0)).expand(N, H, 1, L)
+
+
+class Knobs(NamedTuple):
+    """One decode step's actions (N, 3), resolved once for every layer: none of this depends on the layer."""
+    keep: torch.Tensor  # (N,) the fraction of middle keys kept
+    keys: torch.Tensor  # kept_keys: recency's mask (N, 1, 1, L), or how many keys each row keeps (N,); or None
+    channels: torch.Tensor  # (N,) how many MLP hidden channels each row keeps
+    bits: torch.Tensor  # (N,) the bit-width of the MLP output
+
+
+def resolve(act, L, acfg, hidden):
+    """Knobs for actions act (N, 3) at a decode step whose query sees L keys, in an MLP of `hidden` channels."""
+    return Knobs(act[:, 0], kept_keys(act[:, 0], L, acfg), n_kept(act[:, 1], hidden), act[:, 2])
 
 
 class Grid(NamedTuple):
@@ -259,6 +282,12 @@ def rope_tables(T, head_dim, theta, scaling=None):
     return f.cos(), f.sin()  # (T, head_dim/2)
 
 
+def causal_mask(start, T, device):
+    """(T, start + T): T new tokens after `start` cached ones see the cache and each other causally."""
+    pos = torch.arange(start + T, device=device)
+    return pos[None, :] <= pos[start:, None]
+
+
 def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
@@ -309,22 +338,23 @@ def qk_shared(q, k0, k):
     return torch.cat([unfold(fold(q, k0.size(0)) @ k0.transpose(-2, -1), q.size(0) // k0.size(0)), q @ k.transpose(-2, -1)], -1)
 
 
-def attention_shared(q, k0, v0, k, v, mask):
+def attention_shared(q, k0, v0, k, v, mask, qk=None):
     """attention(q, keys k0 then k, values v0 then v, mask), where the prefix k0, v0 (B, H, L0, hd) is shared by
-    the K = N/B rows of each sequence and read in place: the fast path of the GRPO rollouts."""
-    att = qk_shared(q, k0, k) / math.sqrt(q.size(-1))
+    the K = N/B rows of each sequence and read in place: the fast path of the GRPO rollouts. qk: qk_shared(q, k0, k),
+    when the caller has it already."""
+    att = (qk_shared(q, k0, k) if qk is None else qk) / math.sqrt(q.size(-1))
     p0, p1 = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1).split([k0.size(2), k.size(2)], -1)
     return unfold(fold(p0, k0.size(0)) @ v0, q.size(0) // k0.size(0)) + p1 @ v
 
 
-def middle_scores_shared(q, k0, k, acfg):
+def middle_scores_shared(q, k0, k, acfg, qk=None):
     """middle_scores over the keys k0 then k (N, H, L1, hd), where the prefix k0 (B, H, L0, hd) is shared by
     the K = N/B rows of each sequence: it is read once per sequence, never copied per row (the fast path of
-    the GRPO rollouts, see KVCache.fork)."""
+    the GRPO rollouts, see KVCache.fork). qk: qk_shared(q, k0, k), when the caller has it already."""
     B, K, L0 = k0.size(0), q.size(0) // k0.size(0), k0.size(2)
     Ts, S, M = acfg.sinks, acfg.page_size, L0 + k.size(2) - 1 - acfg.window - acfg.sinks
     if acfg.criterion != "quest":
-        score = qk_shared(q, k0, k)[..., Ts:Ts + M]
+        score = (qk_shared(q, k0, k) if qk is None else qk)[..., Ts:Ts + M]
         return score.mean(1, keepdim=True).expand_as(score) if acfg.criterion == "relevancy_layer" else score
     # pages wholly in the prefix are bounded once per sequence; the page that holds the prefix's last key
     # and the pages after it are bounded per row, from the row's own keys
@@ -333,9 +363,9 @@ def middle_scores_shared(q, k0, k, acfg):
     rest = k[:, :, max(a - L0, 0):max(Ts + M - L0, 0)]
     if a < L0:
         rest = torch.cat([k0[:, :, a:min(L0, Ts + M)].repeat_interleave(K, 0), rest], 2)
-    score = page_scores(q, *page_bounds(rest, S))
+    score = page_scores(q, page_bounds(rest, S))
     if F0:
-        score = torch.cat([unfold(page_scores(fold(q, B), *page_bounds(k0[:, :, Ts:a], S)), K), score], -1)
+        score = torch.cat([unfold(page_scores(fold(q, B), page_bounds(k0[:, :, Ts:a], S)), K), score], -1)
     return score
 
 
@@ -364,35 +394,29 @@ class CausalSelfAttention(nn.Module):
         self.fused = True
         self.realized = True  # one row under recency: read only the kept keys (see recent_attention)
 
-    def forward(self, x, rope=None, cache=None, layer=0, act=None, acfg=None):
+    def forward(self, x, rope=None, mask=None, cache=None, layer=0, knobs=None, acfg=None):
+        """rope: cos, sin at the new positions; mask: causal over the cache and the new tokens (None: no cache)."""
         B, T, C = x.shape
         hd = C // self.n_head
         q, k, v = (t.view(B, T, -1, hd).transpose(1, 2) for t in self.qkv(x).split([C, self.kv_dim, self.kv_dim], 2))  # (B, H or H_kv, T, hd)
-        start = cache.len if cache is not None else 0
         if rope is not None:
-            cos, sin = rope[0][start:start + T], rope[1][start:start + T]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask, k0, v0 = None, None, None
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k0 = v0 = qk = None
         if cache is not None:
-            i = start - cache.start  # where this cache's own positions begin
+            i = cache.len - cache.start  # where this cache's own positions begin
             cache.k[layer, :, :, i:i + T], cache.v[layer, :, :, i:i + T] = k, v
             k, v = cache.k[layer, :, :, :i + T], cache.v[layer, :, :, :i + T]  # (B, H_kv, L1, hd)
             k0, v0 = cache.shared(layer)  # (B/K, H_kv, L0, hd) each, or None
         if self.n_kv_head != self.n_head:  # grouped-query attention: each key/value head serves H/H_kv query heads
             k, v, k0, v0 = (t if t is None else t.repeat_interleave(self.n_head // self.n_kv_head, 1) for t in (k, v, k0, v0))
-        realized = act is not None and self.realized and B == 1 and k0 is None and acfg.criterion == "recency" and act[0, 0] < 1
-        if cache is not None and not realized:
-            pos = torch.arange(start + T, device=x.device)
-            mask = pos[None, :] <= pos[start:, None]  # (T, L) causal, offset by the cached prefix
-            if act is not None:
-                assert T == 1, "efficiency actions apply to single-token decode steps"
-                mask = mask & sparse_mask(q, k, act[:, 0], acfg, k0)
-        if realized:
-            y = recent_attention(q, k, v, act[0, 0], acfg)
-        elif k0 is None:
-            y = attention(q, k, v, mask, self.fused)
-        else:
-            y = attention_shared(q, k0, v0, k, v, mask)
+        if knobs is not None and self.realized and B == 1 and k0 is None and acfg.criterion == "recency" and knobs.keep[0] < 1:
+            return self.proj(recent_attention(q, k, v, knobs.keep[0], acfg).transpose(1, 2).reshape(B, T, C))
+        if k0 is not None:
+            qk = qk_shared(q, k0, k)  # (B, H, T, L0 + L1): the logits, which relevancy also ranks keys by
+        if knobs is not None and knobs.keys is not None:  # the keys this step's actions keep
+            assert T == 1, "efficiency actions apply to single-token decode steps"
+            mask = mask & (knobs.keys if acfg.criterion == "recency" else key_mask(q, k, knobs.keys, acfg, k0, qk))
+        y = attention(q, k, v, mask, self.fused) if k0 is None else attention_shared(q, k0, v0, k, v, mask, qk)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -405,12 +429,12 @@ class MLP(nn.Module):
         self.up = nn.Linear(n_embd, hidden, bias=bias)
         self.down = nn.Linear(hidden, n_embd, bias=bias)
 
-    def forward(self, x, act=None):
+    def forward(self, x, knobs=None):
         h = F.silu(self.gate(x)) * self.up(x) if self.gate is not None else F.gelu(self.up(x), approximate="tanh")  # (B, T, hidden)
-        if act is None:
+        if knobs is None:
             return self.down(h)
-        h = h * topn_mask(h.abs(), n_kept(act[:, 1], h.size(-1)))  # structured pruning: keep the largest |activation| channels
-        return fake_quant(self.down(h), act[:, 2])
+        h = h * topn_mask(h.abs(), knobs.channels)  # structured pruning: keep the largest |activation| channels
+        return fake_quant(self.down(h), knobs.bits)
 
 
 class Block(nn.Module):
@@ -420,9 +444,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.bias)
         self.mlp = MLP(cfg.n_embd, cfg.mlp_hidden, cfg.mlp == "gated", cfg.bias)
 
-    def forward(self, x, rope=None, cache=None, layer=0, act=None, acfg=None):
-        x = x + self.attn(self.norm1(x), rope, cache, layer, act, acfg)
-        return x + self.mlp(self.norm2(x), act)
+    def forward(self, x, rope=None, mask=None, cache=None, layer=0, knobs=None, acfg=None):
+        x = x + self.attn(self.norm1(x), rope, mask, cache, layer, knobs, acfg)
+        return x + self.mlp(self.norm2(x), knobs)
 
 
 class GPT(nn.Module):
@@ -460,16 +484,19 @@ class GPT(nn.Module):
 
     def hidden(self, idx, cache=None, act=None, acfg=None):
         """The final hidden states alone: a prefill needs no logits (for a 128k vocabulary, the largest tensor)."""
-        start = cache.len if cache is not None else 0
-        assert start + idx.size(1) <= self.cfg.block_size, "sequence longer than block_size"
+        start, T = cache.len if cache is not None else 0, idx.size(1)
+        assert start + T <= self.cfg.block_size, "sequence longer than block_size"
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + idx.size(1), device=idx.device))
-        rope = (self.cos, self.sin) if self.wpe is None else None
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        # what every layer shares is computed once: rope at the new positions, the causal mask, the actions resolved
+        rope = (self.cos[start:start + T], self.sin[start:start + T]) if self.wpe is None else None
+        mask = causal_mask(start, T, idx.device) if cache is not None else None
+        knobs = resolve(act, start + T, acfg, self.cfg.mlp_hidden) if act is not None else None
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache, i, act, acfg)
+            x = block(x, rope, mask, cache, i, knobs, acfg)
         if cache is not None:
-            cache.len += idx.size(1)
+            cache.len += T
         return self.norm(x)
 
 # -----------------------------------------------------------------------------
@@ -503,8 +530,9 @@ class Policy(nn.Module):
         start = cache.len if cache is not None else 0
         x = torch.cat([h_prev, emb, self.scalars(scalars), self.act_emb(prev_action)], -1)
         x = self.inp(x) + self.pos(torch.arange(start, start + x.size(1), device=x.device))
+        mask = causal_mask(start, x.size(1), x.device) if cache is not None else None
         for i, block in enumerate(self.blocks):
-            x = block(x, None, cache, i)
+            x = block(x, None, mask, cache, i)
         if cache is not None:
             cache.len += x.size(1)
         return self.head(self.norm(x)) + self.budget_head(scalars[..., TARGETS])

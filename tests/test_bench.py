@@ -4,7 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402
+import sol  # noqa: E402
 
 
 def test_bench_reports_every_figure():
@@ -20,3 +26,22 @@ def test_bench_reports_every_figure():
     assert {"dense", "keep 0.25", "prune 0.4", "bits 5"} <= set(r["decode_s"]["step"])
     assert {"dense", "keep 0.25", "masked keep 0.25"} <= set(r["decode_s"]["attention"])
     assert all(t > 0 for part in r["decode_s"].values() for t in part.values())
+
+
+def test_op_counter_counts_every_operation_and_the_views():
+    with bench.OpCounter() as c:
+        x = torch.ones(3)  # ones: 1
+        y = (x + 1).view(3, 1).t()  # add, view, t: 3, two of them views
+        y.sum()  # 1
+    assert (c.ops, c.views) == (5, 2)
+
+
+@pytest.mark.parametrize("criterion", sol.CRITERIA)
+def test_a_sampled_step_costs_at_most_half_again_the_operations_of_a_dense_one(criterion):
+    """Counted, not timed: the per-layer aten operations of one rollout step under sampled actions against the same
+    step without actions. Quest scores pages, two more products and their bounds: it is held to 2x."""
+    bc = bench.BenchConfig(batch_size=2, context_len=40, rollout_len=4)
+    gcfg = sol.GPTConfig(vocab_size=64, n_embd=32, n_head=2, mlp_hidden=48)
+    ops = bench.step_ops(gcfg, sol.ActionConfig(criterion=criterion), bc, "cpu", K=4)
+    assert ops["dense"]["per_layer"] > 50 and ops["sampled"]["per_layer"] > ops["dense"]["per_layer"]
+    assert ops["sampled"]["per_layer"] <= (2.0 if criterion == "quest" else 1.5) * ops["dense"]["per_layer"], ops

@@ -335,7 +335,7 @@ def test_mlp_and_attention_survive_huge_and_zero_inputs():
     torch.manual_seed(0)
     mlp, A = sol.MLP(32, 48), len(grid.values)
     for scale in (0.0, 1e-30, 1.0, 1e4):
-        assert torch.isfinite(mlp(torch.randn(A, 1, 32) * scale, grid.values)).all(), scale
+        assert torch.isfinite(mlp(torch.randn(A, 1, 32) * scale, sol.resolve(grid.values, 1, acfg, 48))).all(), scale
         q, k, v = (torch.randn(A, 2, 1 if i == 0 else 40, 16) * scale for i in range(3))
         for criterion in sol.CRITERIA:
             acfg.criterion = criterion

@@ -173,20 +173,22 @@ def test_topn_and_mlp_pruning_keep_the_right_channels():
     # kept channels are the largest ones
     for r in range(3):
         assert h[r].abs()[kept[r]].min() >= h[r].abs()[~kept[r]].max()
-    torch.testing.assert_close(mlp(x, act), mlp.down(h * kept))
+    torch.testing.assert_close(mlp(x, sol.resolve(act, 1, sol.ActionConfig(), 40)), mlp.down(h * kept))
     # ties (an all-zero row) still keep exactly n
     assert sol.topn_mask(torch.zeros(2, 10), torch.tensor([3, 7])).sum(-1).tolist() == [3, 7]
 
 
-def test_topn_select_matches_a_stable_sort():
-    """The CPU fast path of topn_mask against its plain twin, one stable sort, ties included."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topn_mask_matches_a_stable_sort(dtype):
+    """topn_mask's one selection against the plain way, one stable sort, with many ties, infinities and every n."""
     gen = torch.Generator().manual_seed(0)
     for M in (1, 2, 7, 40):
-        score = torch.randint(0, 4, (6, 3, 1, M), generator=gen).float()  # few values: many ties
-        n = torch.randint(1, M + 1, (6,), generator=gen)
+        score = torch.randint(0, 4, (6, 3, 1, M), generator=gen).to(dtype)  # few values: many ties
+        score[0, 0, 0, 0], score[1, 1, 0, -1] = float("inf"), float("-inf")
+        n = torch.cat([torch.tensor([1, M]), torch.randint(1, M + 1, (4,), generator=gen)])
         order = torch.argsort(score, dim=-1, descending=True, stable=True)
         want = torch.zeros_like(score, dtype=torch.bool).scatter(-1, order, (torch.arange(M) < n.view(-1, 1, 1, 1)).expand_as(order))
-        assert torch.equal(sol.topn_select(score, n.view(-1, 1, 1, 1)), want), M
+        assert torch.equal(sol.topn_mask(score, n), want), M
 
 
 def test_fake_quant_error_and_identity():
