@@ -54,6 +54,7 @@ class BenchConfig:
     init_from: str = ""  # also a checkpoint folder's or GGUF file's architecture
     dtype: str = "float32"  # of the GPT: float32 | bfloat16 (the policy stays float32, as in train.py)
     compare: bool = False  # instead: the GRPO step at COMPARE's shape, per criterion
+    compile: bool = False  # with --compare: also with the rollouts' decode steps compiled (grpo.compile_steps)
 
 
 LARGE = dict(n_layer=4, n_head=8, n_embd=512, mlp_hidden=1408)
@@ -107,7 +108,7 @@ def pretrain_speed(gcfg, bc, device):
     return x[:, :-1].numel() / timeit(step, max(bc.reps // 2, 2), device), flops_per_token
 
 
-def grpo_setup(gcfg, bc, device, K, acfg=ActionConfig(), pcfg=PolicyConfig()):
+def grpo_setup(gcfg, bc, device, K, acfg=ActionConfig(), pcfg=PolicyConfig(), compiled=False):
     """A frozen GPT, a fresh policy and grpo.iteration, the training step itself, on random token sequences."""
     torch.manual_seed(bc.seed)
     cfg = grpo.GRPOConfig(rollouts=K, batch_size=bc.batch_size, context_len=bc.context_len, rollout_len=bc.rollout_len)
@@ -120,7 +121,8 @@ def grpo_setup(gcfg, bc, device, K, acfg=ActionConfig(), pcfg=PolicyConfig()):
     gen = torch.Generator().manual_seed(bc.seed)
     draw = lambda: (torch.randint(0, gcfg.vocab_size, (B, C + T + 1), generator=gen).to(device),
                     torch.tensor([requested]).expand(B, 3).to(device))
-    return lambda: grpo.iteration(model, policy, opt, draw, grid, acfg, cfg, [True] * 3)
+    steps = grpo.compile_steps(model, policy) if compiled else None
+    return lambda: grpo.iteration(model, policy, opt, draw, grid, acfg, cfg, [True] * 3, compiled=steps)
 
 
 class OpCounter(TorchDispatchMode):
@@ -244,7 +246,38 @@ def bench(name, gcfg, bc, device, peak, pretrain=True):
     policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.values))
     lm = sol.GPT(replace(gcfg, block_size=C + T))
     r["policy_flops_share"] = sol.matmul_flops(policy, T, pcfg.depth, pcfg.width) / sol.matmul_flops(lm, C + T, gcfg.n_layer, gcfg.n_embd)
+    r["ops"] = {c: step_ops(gcfg, replace(ActionConfig(), criterion=c), bc, device) for c in sol.CRITERIA}
     return r
+
+
+def compare(bc, device):
+    """The GRPO step at COMPARE's shape, for quest and recency: episodes/s eager and, with --compile, compiled (its
+    first iteration, which compiles, timed apart); and the aten operations of a rollout step for every criterion."""
+    bc = replace(bc, batch_size=COMPARE["batch_size"], context_len=COMPARE["context_len"], rollout_len=COMPARE["rollout_len"])
+    gcfg = replace(COMPARE["gpt"], block_size=bc.context_len + bc.rollout_len)
+    out = {"config": asdict(gcfg), "ops": {}, "grpo": {}}
+    for c in sol.CRITERIA:
+        out["ops"][c] = step_ops(gcfg, replace(COMPARE["actions"], criterion=c), bc, device)
+    for c in ("quest", "recency"):
+        for mode in ("eager", "compiled") if bc.compile else ("eager",):
+            print(f"[compare] {c}, {mode}", file=sys.stderr)
+            step = grpo_setup(gcfg, bc, device, 16, replace(COMPARE["actions"], criterion=c), COMPARE["policy"], mode == "compiled")
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            first = time.perf_counter() - t0
+            out["grpo"][f"{c}, {mode}"] = {"episodes_per_s": bc.batch_size * 16 / timeit(step, bc.reps, device), "first_iteration_s": first}
+    return out
+
+
+def report_ops(ops):
+    print("aten operations of one rollout decode step on a shared prefix, per layer (kernels: those that are not views) "
+          "| per step, outside the layers")
+    for c, o in ops.items():
+        d, s = o["dense"], o["sampled"]
+        print(f"  {c:<16} dense {d['per_layer']} ({d['per_layer'] - d['per_layer_views']} kernels) | sampled {s['per_layer']} "
+              f"({s['per_layer'] - s['per_layer_views']} kernels), {s['per_layer'] / d['per_layer']:.2f}x "
+              f"| per step: dense {d['per_step']}, sampled {s['per_step']}")
 
 
 def report(results, machine):
@@ -266,6 +299,18 @@ def report(results, machine):
             dense = times["dense"]
             print(f"decode {part:<9} " + "  ".join(f"{a} {t * 1e3:.3f} ms ({t / dense:.2f}x)" if a != "dense" else f"dense {t * 1e3:.3f} ms"
                                                   for a, t in times.items()))
+        report_ops(r["ops"])
+
+
+def report_compare(r, machine):
+    c = r["config"]
+    print(f"machine: {machine['cpu']} | {machine['threads']} threads | torch {machine['torch']} | {machine['device']}")
+    print(f"GRPO step at the comparison's shape: n_layer {c['n_layer']}, n_embd {c['n_embd']}, mlp_hidden {c['mlp_hidden']}, "
+          f"vocabulary {c['vocab_size']}, B {COMPARE['batch_size']} x K 16, C {COMPARE['context_len']}, T {COMPARE['rollout_len']}, "
+          f"{len(sol.action_grid(COMPARE['actions']).values)} actions, policy width {COMPARE['policy'].width} | median of {machine['reps']} runs")
+    for name, g in r["grpo"].items():
+        print(f"  {name:<18} {g['episodes_per_s']:.1f} episodes/s (first iteration {g['first_iteration_s']:.1f} s)")
+    report_ops(r["ops"])
 
 
 def cpu_name():
@@ -286,6 +331,15 @@ def main(argv):
     torch.manual_seed(bc.seed)
     machine = {**asdict(bc), "cpu": cpu_name(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else device}
+    if bc.compile and not bc.compare:
+        raise UsageError("--compile=true times the compiled rollout step of the comparison: add --compare=true")
+    if bc.compare:
+        r = compare(bc, device)
+        if bc.json:
+            print(json.dumps({"machine": machine, "compare": r}, indent=2))
+        else:
+            report_compare(r, machine)
+        return
     machine["matmul_gflops"] = matmul_peak(device, bc.reps) / 1e9
     configs = {"default": GPTConfig(vocab_size=640)}  # the synth corpus's vocabulary
     if bc.large:

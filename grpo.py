@@ -152,32 +152,41 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
 
 
-def rollouts(model, policy, x, target, grid, acfg, cfg, shard=(0, 1)):
+def rollouts(model, policy, x, target, grid, acfg, cfg, shard=(0, 1), compiled=None):
     """Steps 1-3 of GRPO for sequences x (B, C+T+1) with budget targets (B, 3): a dense prefill of the context,
     the dense reference over the T controlled steps, and K sampled schedules per sequence (rows r*K .. r*K+K-1)
-    over the same tokens. Returns the rollouts (sol.rollout's dict, B*K rows) and the dense log-probs (B, T)."""
+    over the same tokens. Returns the rollouts (sol.rollout's dict, B*K rows) and the dense log-probs (B, T).
+    compiled: the GPT and the policy compiled (see compile_steps), to decode the rollouts' steps with."""
     C, T, K = cfg.context_len, cfg.rollout_len, cfg.rollouts
     with torch.no_grad(), autocast(x.device.type):  # the frozen GPT's work: no gradients; bf16 on a GPU
         cache, h0 = sol.prefill(model, x, C, T)
         forked = cache.fork(K, T)  # the K rollouts of a sequence all read its one prefix cache
         dense = F.log_softmax(model(x[:, C:C + T], cache)[0].float(), -1)  # teacher-forced: all T steps in one forward
         ref = dense.repeat_interleave(K, 0) if cfg.task_w_kl > 0 else None  # (B*K, T, V), for the KL reward
-        scheduler = schedules.policy_scheduler(policy, greedy=False, shard=shard)
-        roll = sol.rollout(model, forked, h0.repeat_interleave(K, 0), x[:, C:].repeat_interleave(K, 0),
+        step_model, step_policy = compiled or (model, policy)
+        scheduler = schedules.policy_scheduler(step_policy, greedy=False, shard=shard)
+        roll = sol.rollout(step_model, forked, h0.repeat_interleave(K, 0), x[:, C:].repeat_interleave(K, 0),
                            target.repeat_interleave(K, 0), scheduler, grid, acfg, ref)
     return roll, dense.gather(-1, x[:, C + 1:, None])[..., 0]
 
 
-def iteration(model, policy, opt, draw, grid, acfg, cfg, enabled, trained=None, initial=None, shard=(0, 1)):
+def compile_steps(model, policy):
+    """The GPT and the policy compiled for the rollouts' decode steps (torch.compile; inductor's C++ on a CPU, Triton
+    on CUDA). Dynamic shapes: the caches grow by one position a step, so a run compiles a few times, not once a step."""
+    return torch.compile(model, dynamic=True), torch.compile(policy, dynamic=True)
+
+
+def iteration(model, policy, opt, draw, grid, acfg, cfg, enabled, trained=None, initial=None, shard=(0, 1), compiled=None):
     """One GRPO iteration: cfg.grad_accum micro-batches, each drawn by draw() -> (x (B, C+T+1), target (B, 3)),
     rolled out (steps 1-3), scored (4-7: reward, return, budget penalty, advantage), and one update (8).
-    trained: the policy as the backward sees it (DDP's wrapper); initial: a frozen copy for the KL term.
+    trained: the policy as the backward sees it (DDP's wrapper); initial: a frozen copy for the KL term; compiled:
+    compile_steps(model, policy), to decode the rollouts with.
     Returns the last micro-batch's rollouts, targets and dense log-probs, and whether the update was applied."""
     trained = trained or policy
     opt.zero_grad(set_to_none=True)
     for micro in range(cfg.grad_accum):
         x, target = draw()
-        roll, dense_logp = rollouts(model, policy, x, target, grid, acfg, cfg, shard)
+        roll, dense_logp = rollouts(model, policy, x, target, grid, acfg, cfg, shard, compiled)
         A = advantages(penalized_returns(roll, target.repeat_interleave(cfg.rollouts, 0), enabled, cfg), len(x), cfg.rollouts, cfg)
         with torch.no_grad():
             old_logp = policy_logprobs(policy, roll, policy.pcfg.temperature)[0]  # the policy that sampled

@@ -164,6 +164,13 @@ def middle_scores(q, k, acfg):
     return score.mean(1, keepdim=True).expand_as(score) if acfg.criterion == "relevancy_layer" else score
 
 
+def around(mid, acfg):
+    """A mask over the M middle keys (..., M) -> over all L: the sinks before them, the window and the query after,
+    all kept. (A cat, not F.pad: torch 2.13's inductor emits C++ that does not compile for a padded boolean mask.)"""
+    ones = lambda n: torch.ones(*mid.shape[:-1], n, dtype=torch.bool, device=mid.device)
+    return torch.cat([ones(acfg.sinks), mid, ones(acfg.window + 1)], -1)
+
+
 def kept_keys(keep, L, acfg):
     """What keep fractions (N,) keep of a query's L keys, the same in every layer (so a decode step resolves
     it once): under recency the mask itself, the sinks, the most recent of the M middle keys and the window,
@@ -179,8 +186,7 @@ def kept_keys(keep, L, acfg):
     n = n_kept(keep, M)
     if acfg.criterion != "recency":
         return n
-    recent = torch.arange(M, device=keep.device) >= M - n.view(-1, 1, 1, 1)  # (N, 1, 1, M)
-    return F.pad(recent, (acfg.sinks, acfg.window + 1), value=True)
+    return around(torch.arange(M, device=keep.device) >= M - n.view(-1, 1, 1, 1), acfg)  # (N, 1, 1, M) -> (N, 1, 1, L)
 
 
 def key_mask(q, k, n, acfg, k0=None, qk=None):
@@ -192,7 +198,7 @@ def key_mask(q, k, n, acfg, k0=None, qk=None):
     mid = topn_mask(score, n)
     if acfg.criterion == "quest":  # whole pages
         mid = mid.repeat_interleave(acfg.page_size, -1)[..., :M]
-    return F.pad(mid, (acfg.sinks, acfg.window + 1), value=True)
+    return around(mid, acfg)
 
 
 def sparse_mask(q, k, keep, acfg, k0=None):

@@ -293,6 +293,40 @@ def test_compiled_forward_matches_eager(model):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_compiled_rollout_steps_match_eager(model):
+    """grpo.compile_steps (train.py's --compile) decodes the rollouts with the GPT and the policy compiled; the eager
+    modules are the reference. The same schedule decoded both ways gives the same log-probs, the policy the same
+    logits step by step, and a second rollout compiles nothing new (the caches grow, the graphs stay)."""
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile needs a C++ compiler on the CPU")
+    from torch._dynamo.utils import counters
+    import grpo
+    acfg = sol.ActionConfig(bits=(16,))  # 16 bits: a rounding flip in the quantizer would magnify float's last bits
+    grid = sol.action_grid(acfg)
+    policy = sol.Policy(sol.PolicyConfig(), CFG.n_embd, len(grid.values))
+    gpt, pol = grpo.compile_steps(model, policy)
+    B, K, C, T = 2, 3, 40, 6
+    x = torch.randint(0, CFG.vocab_size, (B, C + T + 1))
+    actions = torch.randint(0, len(grid.values), (B * K, T))
+
+    def run(m, p):
+        cache, h0 = sol.prefill(model, x, C, T)
+        roll = sol.rollout(m, cache.fork(K, T), h0.repeat_interleave(K, 0), x[:, C:].repeat_interleave(K, 0),
+                           torch.full((B * K, 3), 0.5), lambda t, obs: actions[:, t], grid, acfg)
+        cache = p.new_cache(B * K)
+        logits = [p(*(roll[k][:, t:t + 1] for k in ("h_prev", "emb", "scalars", "prev_action")), cache) for t in range(T)]
+        return roll["logp"], torch.cat(logits, 1)
+    eager = run(model, policy)
+    before = counters["stats"]["unique_graphs"]
+    compiled = run(gpt, pol)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    run(gpt, pol)
+    assert counters["stats"]["unique_graphs"] == graphs and graphs - before <= 6, (before, graphs)
+
+
 def test_triton_fake_quant_matches_torch():
     """The Triton kernel (used on CUDA when Triton is installed) against the PyTorch reference, run on the CPU
     by Triton's interpreter; it reads TRITON_INTERPRET when imported, hence a fresh process."""
