@@ -170,17 +170,20 @@ def rollouts(model, policy, x, target, grid, acfg, cfg, shard=(0, 1), compiled=N
     return roll, dense.gather(-1, x[:, C + 1:, None])[..., 0]
 
 
-def compile_steps(model, policy):
+def compile_steps(model, policy, acfg):
     """The GPT and the policy compiled for the rollouts' decode steps (torch.compile; inductor's C++ on a CPU, Triton
-    on CUDA). Dynamic shapes: the caches grow by one position a step, so a run compiles a few times, not once a step."""
-    return torch.compile(model, dynamic=True), torch.compile(policy, dynamic=True)
+    on CUDA). Dynamic shapes: the caches grow by one position a step, so a run compiles a few times, not once a step.
+    Under quest the GPT stays eager: its page bookkeeping, in Python integers of the cache's length, took over
+    9 minutes to compile on a CPU (torch 2.13) without finishing."""
+    gpt = model if acfg.criterion == "quest" else torch.compile(model, dynamic=True)
+    return gpt, torch.compile(policy, dynamic=True)
 
 
 def iteration(model, policy, opt, draw, grid, acfg, cfg, enabled, trained=None, initial=None, shard=(0, 1), compiled=None):
     """One GRPO iteration: cfg.grad_accum micro-batches, each drawn by draw() -> (x (B, C+T+1), target (B, 3)),
     rolled out (steps 1-3), scored (4-7: reward, return, budget penalty, advantage), and one update (8).
     trained: the policy as the backward sees it (DDP's wrapper); initial: a frozen copy for the KL term; compiled:
-    compile_steps(model, policy), to decode the rollouts with.
+    compile_steps(model, policy, acfg), to decode the rollouts with.
     Returns the last micro-batch's rollouts, targets and dense log-probs, and whether the update was applied."""
     trained = trained or policy
     opt.zero_grad(set_to_none=True)

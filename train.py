@@ -438,7 +438,7 @@ def train_policy(run, model, policy, opt, initial):
     draw = lambda: (random_windows(run.splits["train"], cfg.batch_size, cfg.context_len + cfg.rollout_len + 1, run.rng)[rows].to(device),
                     grpo.sample_targets(cfg, run.requested, cfg.batch_size, run.rng)[rows].to(device))  # (B, C+T+1), (B, 3)
     trained = DDP(policy, device_ids=[run.local] if device == "cuda" else None) if run.ddp else policy
-    compiled = grpo.compile_steps(model, policy) if compiling(run.tc, device) else None
+    compiled = grpo.compile_steps(model, policy, run.acfg) if compiling(run.tc, device) else None
 
     def save(it):
         if run.master:

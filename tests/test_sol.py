@@ -305,7 +305,7 @@ def test_compiled_rollout_steps_match_eager(model):
     acfg = sol.ActionConfig(bits=(16,))  # 16 bits: a rounding flip in the quantizer would magnify float's last bits
     grid = sol.action_grid(acfg)
     policy = sol.Policy(sol.PolicyConfig(), CFG.n_embd, len(grid.values))
-    gpt, pol = grpo.compile_steps(model, policy)
+    gpt, pol = grpo.compile_steps(model, policy, acfg)
     B, K, C, T = 2, 3, 40, 6
     x = torch.randint(0, CFG.vocab_size, (B, C + T + 1))
     actions = torch.randint(0, len(grid.values), (B * K, T))
