@@ -54,7 +54,7 @@ class TrainConfig:
     dtype: str = "float32"  # of the frozen GPT: float32 | bfloat16 | float16
     out_dir: str = "out"
     device: str = "auto"  # auto | cpu | cuda | mps
-    compile: str = "auto"  # torch.compile pretraining and the rollouts' decode steps: auto = with CUDA | true | false
+    compile: str = "auto"  # torch.compile: auto = pretraining, with CUDA | true = pretraining and the rollouts' decode steps | false
     seed: int = 1337
     resume: bool = False  # continue the run saved in out_dir
     overwrite: bool = False  # start over even if out_dir holds a run
@@ -155,11 +155,6 @@ def set_rng_state(state, rng):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def compiling(tc, device):
-    """Whether to torch.compile (train.py's fast path where it pays: on a GPU, unless --compile says otherwise)."""
-    return tc.compile == "true" or (tc.compile == "auto" and device == "cuda")
-
-
 def pretrain(model, splits, tc, device, partial, every):
     """Next-token pretraining of the base GPT on random windows of the train split. Every `every` iterations
     (and on SIGINT/SIGTERM, then returning None) its whole state goes to `partial`, which a rerun resumes."""
@@ -177,7 +172,7 @@ def pretrain(model, splits, tc, device, partial, every):
         print(f"base GPT: resuming pretraining from {partial} at iteration {start}")
     model.train()
     # the fast path where it pays: compiled (fixed shapes, so one compilation) and in bf16 on a GPU
-    forward = torch.compile(model) if compiling(tc, device) else model
+    forward = torch.compile(model) if tc.compile == "true" or (tc.compile == "auto" and device == "cuda") else model
     pbar = tqdm(range(start, tc.pretrain_iters), desc="pretrain", dynamic_ncols=True, initial=start, total=tc.pretrain_iters)
     for it in pbar:
         lr = tc.pretrain_lr * min(1, (it + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * it / tc.pretrain_iters))
@@ -438,7 +433,7 @@ def train_policy(run, model, policy, opt, initial):
     draw = lambda: (random_windows(run.splits["train"], cfg.batch_size, cfg.context_len + cfg.rollout_len + 1, run.rng)[rows].to(device),
                     grpo.sample_targets(cfg, run.requested, cfg.batch_size, run.rng)[rows].to(device))  # (B, C+T+1), (B, 3)
     trained = DDP(policy, device_ids=[run.local] if device == "cuda" else None) if run.ddp else policy
-    compiled = grpo.compile_steps(model, policy, run.acfg) if compiling(run.tc, device) else None
+    compiled = grpo.compile_steps(model, policy, run.acfg) if run.tc.compile == "true" else None  # opt-in: not yet run on a GPU
 
     def save(it):
         if run.master:
