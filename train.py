@@ -465,7 +465,9 @@ def train_policy(run, model, policy, opt, initial):
     STOP["defer"] = False
     if run.skipped:
         print(f"warning: {run.skipped} of {cfg.max_iters} GRPO updates were skipped for non-finite rewards, advantages or losses")
-    if run.ddp:
+    if run.ddp:  # the last collectives done and DDP's reducer gone before the group: else exit can abort (gloo)
+        dist.barrier()
+        del trained
         dist.destroy_process_group()
 
 
