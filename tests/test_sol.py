@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import grpo  # noqa: E402
 import schedules  # noqa: E402
 import sol  # noqa: E402
 
@@ -301,7 +302,6 @@ def test_compiled_rollout_steps_match_eager(model):
     if not (shutil.which("g++") or shutil.which("c++")):
         pytest.skip("torch.compile needs a C++ compiler on the CPU")
     from torch._dynamo.utils import counters
-    import grpo
     acfg = sol.ActionConfig(bits=(16,))  # 16 bits: a rounding flip in the quantizer would magnify float's last bits
     grid = sol.action_grid(acfg)
     policy = sol.Policy(sol.PolicyConfig(), CFG.n_embd, len(grid.values))
