@@ -14,6 +14,8 @@ Methods, all on the same frozen GPT, test episodes and controllable steps:
   random     per sequence, a random order of the same per-axis values as static
   search     N random schedules at the budget, the best on validation, reported on test
   heuristic  dense after a step whose prediction was uncertain (high entropy), cheapest otherwise
+  oracle     a bound, not a method: every step tries every action and takes the one that moves the next-token
+             distribution least from the dense one, at a price per unit of budget fitted on validation
 """
 import io
 import json
@@ -49,6 +51,7 @@ class EvalConfig:
     val_episodes: int = 128  # validation episodes (budget calibration, search)
     eval_batch: int = 128
     search_schedules: int = 128  # random schedule search: candidates tried on validation
+    oracle: bool = True  # the oracle's row: every grid action probed at every step, about A times a dense decode, 4 decodes
     bootstrap: int = 1000  # paired bootstrap resamples for the confidence intervals
     prompt: str = ""  # generate side by side from this prompt instead of evaluating
     max_new_tokens: int = 32
@@ -122,18 +125,13 @@ def heuristic_scheduler(acfg, thresholds):
 
 
 def fit_heuristic(model, val, budget, grid, acfg, C, batch, prefilled, steps=10):
-    """Entropy thresholds that hit the budget, by bisection per axis on the validation episodes (a higher
-    threshold means fewer dense steps); two rounds, as the axes change the entropies a little."""
-    th = [0.0, 0.0, 0.0]
-    for _ in range(2):
-        for axis in range(3):
-            lo, hi = 0.0, 20.0
-            for _ in range(steps):
-                th[axis] = (lo + hi) / 2
-                spent = score_episodes(model, val, torch.ones(3), lambda: heuristic_scheduler(acfg, th), grid, acfg, C, batch, prefilled)[1]
-                lo, hi = (th[axis], hi) if spent[axis] > budget[axis] else (lo, th[axis])
-            th[axis] = (lo + hi) / 2
-    return th
+    """Entropy thresholds that hit the budget on the validation episodes, solved jointly as SOL's multipliers are
+    (schedules.solve: the axes change each other's entropies). A lower threshold means more dense steps, so the knob
+    solved for is the threshold's negative."""
+    x = torch.zeros(3)
+    spent = lambda: score_episodes(model, val, torch.ones(3), lambda: heuristic_scheduler(acfg, (-x).tolist()), grid, acfg, C, batch, prefilled)[1]
+    schedules.solve(spent, torch.tensor(budget), range(3), x, -20.0, 0.0, steps)
+    return (-x).tolist()
 
 
 def bootstrap_delta(nll, ref, n, gen):
@@ -414,10 +412,11 @@ def generate_side_by_side(run, ec, b, enc):
 
 def every_method(run, ec, b, val, test, dense_nll, gen):
     """Each method on the test episodes at budget b: {method: (nll (E,), achieved (3,), actions)}, the budget
-    requested, SOL's multipliers and the search's validation NLLs."""
+    requested, the multipliers of SOL and the oracle and the search's validation NLLs."""
     acfg, T = run.acfg, run.T
     requested, target = requested_for(run, b)
     make_sol, cal = calibrated_sol(run, ec, requested, val)
+    cals = {"sol": cal}
     res = {"sol": score(run, ec, test, target, make_sol)}
     ach = res["sol"][1].tolist()  # every baseline spends what SOL spent
     res["dense"] = (dense_nll, torch.ones(3), None)
@@ -431,10 +430,14 @@ def every_method(run, ec, b, val, test, dense_nll, gen):
     res["search"] = score(run, ec, test, target, lambda: plan_scheduler(acfg, cands[best]))
     th = fit_heuristic(run.model, val[0], ach, run.grid, acfg, run.C, ec.eval_batch, val[1])
     res["heuristic"] = score(run, ec, test, target, lambda: heuristic_scheduler(acfg, th))
-    return res, requested, cal, {"val_nll": val_nll.tolist(), "best": best}
+    if ec.oracle:  # at the requested budget, as SOL
+        cals["oracle"] = schedules.calibrate_oracle(run.model, val[0], requested, run.grid, acfg, run.C, ec.eval_batch, val[1])
+        bias = schedules.multiplier_bias(run.grid, *cals["oracle"])
+        res["oracle"] = score(run, ec, test, target, lambda: schedules.oracle_scheduler(run.model, run.grid, acfg, bias))
+    return res, requested, cals, {"val_nll": val_nll.tolist(), "best": best}
 
 
-def budget_table(run, ec, b, res, requested, cal, gen):
+def budget_table(run, ec, b, res, requested, cals, gen):
     """Print one budget's table and return its rows for eval.json: every method beside static, each checked
     against what it was asked to spend."""
     ach = res["sol"][1].tolist()
@@ -443,18 +446,22 @@ def budget_table(run, ec, b, res, requested, cal, gen):
     rows = []
     for m, (nll, a, _) in res.items():
         d, lo, hi = bootstrap_delta(nll, res["static"][0], ec.bootstrap, gen)
-        asked = requested if m == "sol" else [1.0] * 3 if m == "dense" else ach  # SOL: the target; the others: what SOL spent
+        asked = requested if m in ("sol", "oracle") else [1.0] * 3 if m == "dense" else ach  # SOL, oracle: the target; the others: what SOL spent
         off = schedules.off_budget(a.tolist(), [x if on else None for x, on in zip(asked, enabled)])
         flag = f"  OFF BUDGET: {', '.join(off)}" if off else ""
         print(f"{m:<10} {nll.mean():7.4f} {nll.mean().exp():8.3f} {d:+9.3f} [{lo:+.3f}, {hi:+.3f}]{'':>4} "
               f"{a[0]:6.3f} {a[1]:6.3f} {a[2] * 16:6.2f}{flag}")
         rows.append({"method": m, "budget": b, "target": axes(asked), "achieved": axes(a.tolist()), "nll": nll.mean().item(),
                      "ppl": nll.mean().exp().item(), "tokens": len(nll) * run.T, "dppl_vs_static": d, "dppl_ci95": [lo, hi],
-                     "off_budget": off, "budget_multipliers": dict(zip(("lower", "upper", "upper_share"), (t.tolist() for t in cal)))
-                     if m == "sol" else None})
+                     "off_budget": off, "budget_multipliers": dict(zip(("lower", "upper", "upper_share"), (t.tolist() for t in cals[m])))
+                     if m in cals else None})
     if any(r["off_budget"] for r in rows):
         print(f"OFF BUDGET: achieved more than {schedules.BUDGET_TOL} (bits {schedules.BUDGET_TOL * 16:g}) away from what the method was "
-              "asked for (sol: the target; the others: sol's achieved budget)")
+              "asked for (sol, oracle: the target; the others: sol's achieved budget)")
+    if "oracle" in res:
+        room = schedules.headroom({m: v[0] for m, v in res.items()}, ec.bootstrap, gen)
+        rows[0].update(room)
+        print(schedules.headroom_line(room))
     return rows
 
 
@@ -463,12 +470,12 @@ def evaluate_budgets(run, ec, budgets, val, test, gen):
     dense_nll, _, _ = score(run, ec, test, torch.ones(3), lambda: schedules.dense_scheduler(run.grid))
     rows, details = [], {}
     for b in budgets:
-        res, requested, cal, search = every_method(run, ec, b, val, test, dense_nll, gen)
+        res, requested, cals, search = every_method(run, ec, b, val, test, dense_nll, gen)
         details[b] = {"sol_actions": res["sol"][2], "search": search}
         label = "trained target" if b is None else f"budget {b}"
         print(f"\n{label}: target keep {requested[0]} prune {requested[1]} bits {None if requested[2] is None else requested[2] * 16:g}"
               f" | {len(test[0])} test episodes x {run.T} steps | search: best of {ec.search_schedules} on {len(val[0])} val episodes")
-        rows += budget_table(run, ec, b, res, requested, cal, gen)
+        rows += budget_table(run, ec, b, res, requested, cals, gen)
     return rows, details
 
 

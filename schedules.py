@@ -69,7 +69,7 @@ def static_scheduler(acfg, achieved):
 
 
 def multiplier_bias(grid, lower, upper, share):
-    """The logit bias of budget-calibrated greedy decoding (see calibrate in train.py), a function (t, N) -> (N, A):
+    """The logit bias of budget-calibrated greedy decoding (see calibrate_bias), a function (t, N) -> (N, A):
     lam . budget(a), where on each axis a share of the steps takes the upper multiplier and the rest the lower
     one, in static_scheduler's fixed round-robin over all rows and steps. lower, upper, share: (3,) each."""
     def bias(t, N):
@@ -104,39 +104,158 @@ def policy_scheduler(policy, greedy, generator=None, bias=None, shard=(0, 1)):
     return pick
 
 
-def calibrate(model, policy, eps, requested, grid, acfg, C, batch, steps=8, prefilled=None):
-    """Greedy decoding takes the policy's mode, which can sit off the requested budget: an axis that costs no
-    quality gets its cheapest value even when the sampled schedules average to the target. A Lagrange
-    multiplier per axis, lam, adds lam . budget(a) to the logits; bisect each on the validation episodes until
-    the greedy schedule's achieved budget meets the target. The achieved budget is a step function of lam and
-    can jump across the target: on such an axis a share of the steps takes the upper end of lam's last bracket
-    and the rest its lower end (multiplier_bias), and that share is bisected in turn. Only the budget is
-    calibrated, never quality. Returns the lower and upper multipliers and the upper one's share, (3,) each."""
-    target = torch.tensor([1.0 if v is None else v for v in requested], device=eps.device)
-    lower, upper, share = (torch.zeros(3, device=eps.device) for _ in range(3))
-    scheduler = lambda: policy_scheduler(policy, greedy=True, bias=multiplier_bias(grid, lower, upper, share))
-    prefilled = prefilled or sol.prefill_batches(model, eps, C, batch)  # one prefill for all the bisection's decodes
-    spent = lambda: sol.score_episodes(model, eps, target, scheduler, grid, acfg, C, batch, prefilled)[1]
-
-    def bisect(x, axis, lo, hi):  # the budget grows with x[axis]; returns the last bracket
+def solve(spent, target, on, x, lo, hi, steps=8, rounds=6):
+    """Knobs x (3,) that make spent() -> achieved budget (3,) meet target (3,) on the axes `on`, jointly: each axis's
+    budget grows with its own knob but moves with the others' too (a policy that spends on all three axes together), so
+    bisect one axis at a time over [lo, hi], in rounds, until every axis is within half the tolerance (test episodes
+    differ a little) or the rounds run out; an axis already within it is left alone. Returns each axis's last bracket."""
+    def bisect(axis, a, b):  # the budget grows with x[axis]; returns the last bracket
         for _ in range(steps):
-            x[axis] = (lo + hi) / 2
-            lo, hi = (x[axis].item(), hi) if spent()[axis] < target[axis] else (lo, x[axis].item())
-        x[axis] = (lo + hi) / 2
-        return lo, hi
+            x[axis] = (a + b) / 2
+            a, b = (x[axis].item(), b) if spent()[axis] < target[axis] else (a, x[axis].item())
+        x[axis] = (a + b) / 2
+        return a, b
 
-    on = [i for i in range(3) if requested[i] is not None]
     brackets = {}
-    for _ in range(2):  # the axes interact a little: two rounds of coordinate bisection
+    for r in range(rounds):
         for axis in on:
-            brackets[axis] = bisect(lower, axis, -20.0, 20.0)
+            if r == 0 or (spent()[axis] - target[axis]).abs() > BUDGET_TOL / 2:
+                brackets[axis] = bisect(axis, lo, hi)
+        if not missed(spent(), target, on):
+            break
+    return brackets
+
+
+def missed(achieved, target, on):
+    return [axis for axis in on if (achieved[axis] - target[axis]).abs() > BUDGET_TOL / 2]
+
+
+def calibrate_bias(spent_under, requested, grid):
+    """Multipliers lam of the logit bias lam . budget(a) (multiplier_bias) that hold greedy decoding to the requested
+    budget. spent_under(bias) decodes the validation episodes under a bias and returns the achieved budget (3,).
+    The achieved budget is a step function of lam and can jump across the target: on such an axis a share of the
+    steps takes the upper end of lam's last bracket and the rest its lower end; the shares and the other axes'
+    multipliers are then solved in turn until all meet the target.
+    Only the budget is calibrated, never quality. Returns the lower and upper multipliers and the upper one's share."""
+    target = torch.tensor([1.0 if v is None else v for v in requested], device=grid.budget.device)
+    lower, upper, share = (torch.zeros(3, device=grid.budget.device) for _ in range(3))
+    spent = lambda: spent_under(multiplier_bias(grid, lower, upper, share))
+    on = [i for i in range(3) if requested[i] is not None]
+    brackets = solve(spent, target, on, lower, -20.0, 20.0)
     upper.copy_(lower)
-    missed = (spent() - target).abs() > BUDGET_TOL / 2  # aim within half the tolerance: test episodes differ a little
-    for axis in on:
-        if missed[axis]:  # no one multiplier meets the target: mix the two around the jump
-            lower[axis], upper[axis] = brackets[axis]
-            bisect(share, axis, 0.0, 1.0)
+    mixed = []
+    for _ in range(3):
+        off = missed(spent(), target, on)
+        if not off:
+            break
+        for axis in off:
+            if axis not in mixed:  # no one multiplier meets it: mix the two around the jump
+                lower[axis], upper[axis] = brackets[axis]
+                mixed.append(axis)
+        solve(spent, target, mixed, share, 0.0, 1.0)
+        single = [axis for axis in on if axis not in mixed]  # the mixing moved these a little: solved again
+        if single and missed(spent(), target, single):
+            brackets.update(solve(spent, target, single, lower, -20.0, 20.0))
+            upper[single] = lower[single]
     return lower, upper, share
+
+
+def calibrate(model, policy, eps, requested, grid, acfg, C, batch, prefilled=None):
+    """Greedy decoding takes the policy's mode, which can sit off the requested budget: an axis that costs no
+    quality gets its cheapest value even when the sampled schedules average to the target. calibrate_bias on
+    the validation episodes eps, decoding the greedy policy under each bias tried."""
+    target = torch.tensor([1.0 if v is None else v for v in requested], device=eps.device)
+    prefilled = prefilled or sol.prefill_batches(model, eps, C, batch)  # one prefill for all the decodes
+    scheduler = lambda bias: lambda: policy_scheduler(policy, greedy=True, bias=bias)
+    return calibrate_bias(lambda bias: sol.score_episodes(model, eps, target, scheduler(bias), grid, acfg, C, batch, prefilled)[1],
+                          requested, grid)
+
+# -----------------------------------------------------------------------------
+# the oracle: at every step, every action tried, and the one that moves the next-token distribution least from
+# the dense one, at a price per unit of budget. It reads only the past, so it is a schedule a perfect policy could
+# output: a bound on what the policy can learn, which needs the dense step (and every other) it saves.
+
+
+@torch.no_grad()
+def probe(model, cache, token, grid, acfg, chunk=2**27):
+    """KL(p_dense || p_a) of the next token, for every action a of the grid from the state in cache (N rows): the
+    cache forked A ways and read in place, token (N,) fed under each action, (N, A). chunk: logits' bytes at once."""
+    N, A = token.size(0), len(grid.values)
+    per = max(1, chunk // (4 * A * model.cfg.vocab_size))  # rows per forward
+    out = []
+    for i in range(0, N, per):
+        part = slice(i, min(i + per, N))
+        sub = cache_rows(cache, part).fork(A, 1)
+        logits, _ = model(token[part].repeat_interleave(A)[:, None], sub, grid.values.repeat(sub.k.size(1) // A, 1), acfg)
+        logp = torch.log_softmax(logits[:, -1].float(), -1).unflatten(0, (-1, A))  # (n, A, V)
+        ref = logp[:, grid.dense]  # the dense action, from the same state
+        out.append((ref.exp()[:, None] * (ref[:, None] - logp)).sum(-1).clamp_min(0))
+    return torch.cat(out)
+
+
+def cache_rows(cache, rows):
+    """A view of some rows of a cache (no copy), to fork from."""
+    c = sol.KVCache.__new__(sol.KVCache)
+    c.k, c.v, c.parent, c.start, c.len = cache.k[:, rows], cache.v[:, rows], None, cache.start, cache.len
+    return c
+
+
+def oracle_scheduler(model, grid, acfg, bias=None, record=None):
+    """The oracle's schedule: argmax over actions of -KL(p_dense || p_a) + bias, bias (A,) or (t, N) -> (N, A) as
+    for the policy (multiplier_bias: lam . budget(a), lam the negated price). record: a list that gets (t, -KL)
+    of every controllable step, for fitting the prices without decoding again."""
+    def pick(t, obs):
+        N = obs["emb"].size(0)
+        if not obs["scalars"][0, 1]:  # not controllable: the action is not used
+            return torch.full((N,), grid.dense, dtype=torch.long, device=obs["emb"].device)
+        score = -probe(model, obs["cache"], obs["token"], grid, acfg)
+        if record is not None:
+            record.append((t, score))
+        return (score + (bias(t, N) if callable(bias) else 0 if bias is None else bias)).argmax(-1)
+    return pick
+
+
+def calibrate_oracle(model, eps, requested, grid, acfg, C, batch, prefilled=None, refits=2):
+    """The oracle's prices held to the requested budget on the validation episodes eps, by calibrate_bias as SOL's
+    multipliers are, but over recorded probes instead of decodes: decode once recording every step's -KL over the
+    grid, solve on the records, and decode again at the solution (its choices change the states it probes), refits
+    times. Returns (lower, upper, share) as calibrate."""
+    target = torch.tensor([1.0 if v is None else v for v in requested], device=eps.device)
+    prefilled = prefilled or sol.prefill_batches(model, eps, C, batch)
+    cal = tuple(torch.zeros(3, device=eps.device) for _ in range(3))  # price 0: the first decode is (nearly) dense
+    for _ in range(refits + 1):
+        records = []  # per batch of episodes, its (t, -KL) steps
+
+        def make():
+            records.append([])
+            return oracle_scheduler(model, grid, acfg, multiplier_bias(grid, *cal), records[-1])
+        sol.score_episodes(model, eps, target, make, grid, acfg, C, batch, prefilled)
+        cal = calibrate_bias(lambda bias: replayed_budget(records, bias, grid), requested, grid)
+    return cal
+
+
+def replayed_budget(records, bias, grid):
+    """The mean budget (3,) the oracle's choices would spend under bias, on the recorded probes of its steps."""
+    spent = [grid.budget[(score + bias(t, score.size(0))).argmax(-1)] for steps in records for t, score in steps]
+    return torch.cat(spent).mean(0)
+
+
+def headroom(nll, n, gen):
+    """What there was to win and how much of it SOL won, from per-episode NLLs (E,) of sol, static and oracle:
+    the headroom static - oracle (ppl), and SOL's share of it, (static - sol) / (static - oracle), with its 95%
+    paired-bootstrap interval over episodes (n resamples)."""
+    idx = torch.randint(0, len(nll["sol"]), (n, len(nll["sol"])), generator=gen)
+    ppl = {m: (v.mean().exp(), v[idx].mean(1).exp()) for m, v in nll.items() if m in ("sol", "static", "oracle")}
+    (s, s_b), (st, st_b), (o, o_b) = ppl["sol"], ppl["static"], ppl["oracle"]
+    share_b = (st_b - s_b) / (st_b - o_b)
+    return {"headroom": (st - o).item(), "sol_share": ((st - s) / (st - o)).item(),
+            "sol_share_ci95": [share_b.quantile(0.025).item(), share_b.quantile(0.975).item()]}
+
+
+def headroom_line(room):
+    return (f"oracle: a bound, not a method (it runs every action, the dense one included, to choose one) | headroom static - oracle "
+            f"{room['headroom']:.3f} ppl | sol's share (static - sol) / (static - oracle) {room['sol_share']:.2f} "
+            f"[{room['sol_share_ci95'][0]:.2f}, {room['sol_share_ci95'][1]:.2f}]")
 
 
 def axes(v):

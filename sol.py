@@ -582,7 +582,7 @@ def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=Non
         eff = controllable(cache.len, acfg)
         scalars = step_scalars(t, T, eff, target, spent, n_eff)
         entropy = -(logprobs.exp() * logprobs).sum(-1)  # how unsure the previous prediction was (heuristics)
-        obs = dict(h_prev=h, emb=model.wte(x[:, t]), scalars=scalars, prev_action=prev, entropy=entropy)
+        obs = dict(h_prev=h, emb=model.wte(x[:, t]), scalars=scalars, prev_action=prev, entropy=entropy, cache=cache, token=x[:, t])
         a = scheduler(t, obs)
         logits, hs = model(x[:, t:t + 1], cache, grid.values[a] if eff else None, acfg)
         logprobs = F.log_softmax(logits[:, -1].float(), -1)  # (N, V)

@@ -63,6 +63,7 @@ class TrainConfig:
     pretrain_lr: float = 3e-3
     eval_episodes: int = 256  # held-out episodes of the final evaluation
     eval_batch: int = 128
+    oracle: bool = True  # the oracle's row: every grid action probed at every step, about A times a dense decode
 
 
 CHOICES = {"reward_agg": ("sum", "max"), "adv_level": ("process", "outcome"), "adv_norm": ("center", "zscore"),
@@ -206,23 +207,25 @@ def pretrain(model, splits, tc, device, partial, every):
 # evaluation: SOL, dense, and static at SOL's achieved budget, on the same held-out episodes
 
 
-def evaluate(model, policy, eps, requested, grid, acfg, C, batch, cal):
-    """SOL (greedy, budget-calibrated), dense, and static at SOL's achieved budget, on the same episodes. Each
-    method's achieved budget is checked against what it was asked for: off_budget lists the axes it missed."""
+def evaluate(model, policy, eps, requested, grid, acfg, C, batch, cal, oracle_cal):
+    """SOL (greedy, budget-calibrated), dense, static at SOL's achieved budget and, with oracle_cal, the oracle at the
+    requested budget, on the same episodes. Each method's achieved budget is checked against what it was asked for:
+    off_budget lists the axes it missed. Returns the rows and each method's per-episode NLL."""
     target = torch.tensor([1.0 if v is None else v for v in requested], device=eps.device)
-    bias = schedules.multiplier_bias(grid, *cal)
     pre = sol.prefill_batches(model, eps, C, batch)
-    nll, achieved, _ = sol.score_episodes(model, eps, target, lambda: schedules.policy_scheduler(policy, greedy=True, bias=bias), grid, acfg, C, batch, pre)
-    rows = [("sol", requested, nll, achieved)]
-    nll, dense, _ = sol.score_episodes(model, eps, target, lambda: schedules.dense_scheduler(grid), grid, acfg, C, batch, pre)
-    rows.append(("dense", [1.0, 1.0, 1.0], nll, dense))
-    matched = achieved.tolist()
-    nll, static, _ = sol.score_episodes(model, eps, target, lambda: schedules.static_scheduler(acfg, matched), grid, acfg, C, batch, pre)
-    rows.append(("static", matched, nll, static))
+    decode = lambda make: sol.score_episodes(model, eps, target, make, grid, acfg, C, batch, pre)[:2]
+    bias = schedules.multiplier_bias(grid, *cal)
+    rows = [("sol", requested, *decode(lambda: schedules.policy_scheduler(policy, greedy=True, bias=bias)))]
+    rows.append(("dense", [1.0, 1.0, 1.0], *decode(lambda: schedules.dense_scheduler(grid))))
+    matched = rows[0][3].tolist()
+    rows.append(("static", matched, *decode(lambda: schedules.static_scheduler(acfg, matched))))
+    if oracle_cal is not None:
+        oracle_bias = schedules.multiplier_bias(grid, *oracle_cal)
+        rows.append(("oracle", requested, *decode(lambda: schedules.oracle_scheduler(model, grid, acfg, oracle_bias))))
     T = eps.size(1) - C - 1
     asked = lambda t: [x if v is not None else None for x, v in zip(t, requested)]  # axes held dense are not checked
     return [{"method": m, "target": schedules.axes(t), "achieved": schedules.axes(a.tolist()), "off_budget": schedules.off_budget(a.tolist(), asked(t)),
-             "nll": n.mean().item(), "ppl": math.exp(n.mean().item()), "tokens": n.numel() * T} for m, t, n, a in rows]
+             "nll": n.mean().item(), "ppl": math.exp(n.mean().item()), "tokens": n.numel() * T} for m, t, n, a in rows], {m: n for m, _, n, _ in rows}
 
 
 def check_resources(run, pretraining):
@@ -488,10 +491,12 @@ def final_evaluation(run, model, policy):
 
 def evaluate_and_report(model, policy, run):
     tc, C, T, device = run.tc, run.grpo_cfg.context_len, run.grpo_cfg.rollout_len, run.device
-    cal = schedules.calibrate(model, policy, episodes(run.splits["val"], tc.eval_episodes // 2, C + T + 1).to(device), run.requested,
-                        run.grid, run.acfg, C, tc.eval_batch)
+    val = episodes(run.splits["val"], tc.eval_episodes // 2, C + T + 1).to(device)
+    pre = sol.prefill_batches(model, val, C, tc.eval_batch)
+    cal = schedules.calibrate(model, policy, val, run.requested, run.grid, run.acfg, C, tc.eval_batch, pre)
+    oracle_cal = schedules.calibrate_oracle(model, val, run.requested, run.grid, run.acfg, C, tc.eval_batch, pre) if tc.oracle else None
     eps = episodes(run.splits["test"], tc.eval_episodes, C + T + 1).to(device)
-    results = evaluate(model, policy, eps, run.requested, run.grid, run.acfg, C, tc.eval_batch, cal)
+    results, nll = evaluate(model, policy, eps, run.requested, run.grid, run.acfg, C, tc.eval_batch, cal, oracle_cal)
     lower, upper, share = (t.tolist() for t in cal)
     print(f"\ntest split, {len(eps)} episodes x {T} controlled steps, greedy policy, budget multipliers "
           + ", ".join(f"{name} {lo:+.2f}" + (f" / {hi:+.2f} on {f:.0%} of steps" if f else "")
@@ -504,10 +509,14 @@ def evaluate_and_report(model, policy, run):
         print(f"{r['method']:<8} {r['nll']:7.4f} {r['ppl']:8.3f} {a['keep']:6.3f} {a['prune']:6.3f} {a['bits']:6.2f}{flag}")
     if any(r["off_budget"] for r in results):
         print(f"OFF BUDGET: achieved more than {schedules.BUDGET_TOL} (bits {schedules.BUDGET_TOL * 16:g}) away from what the method was "
-              "asked for (sol: the target; static: sol's achieved budget)")
+              "asked for (sol, oracle: the target; static: sol's achieved budget)")
+    room = schedules.headroom(nll, 1000, torch.Generator().manual_seed(tc.seed)) if tc.oracle else None
+    if room:
+        print(schedules.headroom_line(room))
     report = {"dataset": tc.dataset, "seed": tc.seed, "config": run.config,
               "budget_multipliers": {"lower": lower, "upper": upper, "upper_share": share},
-              "episodes": {"calibration (val)": tc.eval_episodes // 2, "test": len(eps)}, "results": results}
+              "oracle_multipliers": None if oracle_cal is None else dict(zip(("lower", "upper", "upper_share"), (t.tolist() for t in oracle_cal))),
+              "episodes": {"calibration (val)": len(val), "test": len(eps)}, "results": results, "headroom": room}
     save_atomic(json.dumps(report, indent=2), run.out_dir / "eval.json")
 
 
