@@ -40,6 +40,7 @@ def parse_args(argv, cfgs, hidden=()):
     names = [f.name for cfg in cfgs for f in fields(cfg)]
     assert len(names) == len(set(names)), "two configs share a field name: one flag would set both"
     if any(a in ("-h", "--help") for a in argv):
+        print((sys.modules["__main__"].__doc__ or "").strip() + "\n")  # the script's usage, then its flags
         for cfg in cfgs:
             print(f"{type(cfg).__name__}:")
             for f in fields(cfg):

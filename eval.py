@@ -15,8 +15,10 @@ Methods, all on the same frozen GPT, test episodes and controllable steps:
   search     N random schedules at the budget, the best on validation, reported on test
   heuristic  dense after a step whose prediction was uncertain (high entropy), cheapest otherwise
   oracle     a bound, not a method: every step tries every action and takes the one that moves the next-token
-             distribution least from the dense one, at a price per unit of budget fitted on validation
+             distribution least from the dense one, at a price per unit of budget fitted on validation.
+             It costs about 4 x A dense decodes (A = grid actions: 80 by default); --oracle=false skips it
 """
+import contextlib
 import io
 import json
 import shlex
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import cli
 import pretrained
@@ -129,8 +132,9 @@ def fit_heuristic(model, val, budget, grid, acfg, C, batch, prefilled, steps=10)
     (schedules.solve: the axes change each other's entropies). A lower threshold means more dense steps, so the knob
     solved for is the threshold's negative."""
     x = torch.zeros(3)
-    spent = lambda: score_episodes(model, val, torch.ones(3), lambda: heuristic_scheduler(acfg, (-x).tolist()), grid, acfg, C, batch, prefilled)[1]
-    schedules.solve(spent, torch.tensor(budget), range(3), x, -20.0, 0.0, steps)
+    with schedules.progress("fit heuristic (val)") as bar:
+        spent = lambda: score_episodes(model, val, torch.ones(3), lambda: heuristic_scheduler(acfg, (-x).tolist()), grid, acfg, C, batch, prefilled, bar)[1]
+        schedules.solve(spent, torch.tensor(budget), range(3), x, -20.0, 0.0, steps)
     return (-x).tolist()
 
 
@@ -382,10 +386,12 @@ def held_out(run, ec, split, n):
     return eps, sol.prefill_batches(run.model, eps, run.C, ec.eval_batch)
 
 
-def score(run, ec, split, target, make_scheduler):
-    """score_episodes on held-out episodes: per-episode NLL (E,), achieved budget (3,), actions (E, T)."""
+def score(run, ec, split, target, make_scheduler, desc=None, bar=None):
+    """score_episodes on held-out episodes: per-episode NLL (E,), achieved budget (3,), actions (E, T). Its progress
+    goes to bar, or to a bar of its own named desc."""
     eps, prefilled = split
-    return score_episodes(run.model, eps, target, make_scheduler, run.grid, run.acfg, run.C, ec.eval_batch, prefilled)
+    with schedules.progress(desc, len(prefilled) * run.T) if bar is None else contextlib.nullcontext(bar) as bar:
+        return score_episodes(run.model, eps, target, make_scheduler, run.grid, run.acfg, run.C, ec.eval_batch, prefilled, bar)
 
 
 def calibrated_sol(run, ec, requested, val):
@@ -417,23 +423,24 @@ def every_method(run, ec, b, val, test, dense_nll, gen):
     requested, target = requested_for(run, b)
     make_sol, cal = calibrated_sol(run, ec, requested, val)
     cals = {"sol": cal}
-    res = {"sol": score(run, ec, test, target, make_sol)}
+    res = {"sol": score(run, ec, test, target, make_sol, "sol (test)")}
     ach = res["sol"][1].tolist()  # every baseline spends what SOL spent
     res["dense"] = (dense_nll, torch.ones(3), None)
-    res["static"] = score(run, ec, test, target, lambda: schedules.static_scheduler(acfg, ach))
-    res["random"] = score(run, ec, test, target, lambda: plan_scheduler(acfg, lambda n: mix_plan(acfg, ach, n, T, gen)))
+    res["static"] = score(run, ec, test, target, lambda: schedules.static_scheduler(acfg, ach), "static (test)")
+    res["random"] = score(run, ec, test, target, lambda: plan_scheduler(acfg, lambda n: mix_plan(acfg, ach, n, T, gen)), "random (test)")
     # candidates: half reorderings of static's values (local), half drawn from the whole grid (broad)
     cands = torch.cat([mix_plan(acfg, ach, ec.search_schedules // 2, T, gen),
                        search_candidates(acfg, ach, ec.search_schedules - ec.search_schedules // 2, T, gen)])
-    val_nll = torch.stack([score(run, ec, val, target, lambda: plan_scheduler(acfg, c))[0].mean() for c in cands])
+    with schedules.progress(f"search {len(cands)} schedules (val)", len(cands) * len(val[1]) * T) as bar:
+        val_nll = torch.stack([score(run, ec, val, target, lambda: plan_scheduler(acfg, c), bar=bar)[0].mean() for c in cands])
     best = int(val_nll.argmin())
-    res["search"] = score(run, ec, test, target, lambda: plan_scheduler(acfg, cands[best]))
+    res["search"] = score(run, ec, test, target, lambda: plan_scheduler(acfg, cands[best]), "search (test)")
     th = fit_heuristic(run.model, val[0], ach, run.grid, acfg, run.C, ec.eval_batch, val[1])
-    res["heuristic"] = score(run, ec, test, target, lambda: heuristic_scheduler(acfg, th))
+    res["heuristic"] = score(run, ec, test, target, lambda: heuristic_scheduler(acfg, th), "heuristic (test)")
     if ec.oracle:  # at the requested budget, as SOL
         cals["oracle"] = schedules.calibrate_oracle(run.model, val[0], requested, run.grid, acfg, run.C, ec.eval_batch, val[1])
         bias = schedules.multiplier_bias(run.grid, *cals["oracle"])
-        res["oracle"] = score(run, ec, test, target, lambda: schedules.oracle_scheduler(run.model, run.grid, acfg, bias))
+        res["oracle"] = score(run, ec, test, target, lambda: schedules.oracle_scheduler(run.model, run.grid, acfg, bias), "oracle (test)")
     return res, requested, cals, {"val_nll": val_nll.tolist(), "best": best}
 
 
@@ -467,7 +474,7 @@ def budget_table(run, ec, b, res, requested, cals, gen):
 
 def evaluate_budgets(run, ec, budgets, val, test, gen):
     """Every method at every budget: the rows of eval.json, and per budget SOL's actions (E, T) and the search."""
-    dense_nll, _, _ = score(run, ec, test, torch.ones(3), lambda: schedules.dense_scheduler(run.grid))
+    dense_nll, _, _ = score(run, ec, test, torch.ones(3), lambda: schedules.dense_scheduler(run.grid), "dense (test)")
     rows, details = [], {}
     for b in budgets:
         res, requested, cals, search = every_method(run, ec, b, val, test, dense_nll, gen)
@@ -510,7 +517,8 @@ def multiple_choice(run, ec, b, val, enc):
     accuracy = {}
     for m, make in (("sol", make_sol), ("static", lambda: schedules.static_scheduler(run.acfg, target.tolist())),
                     ("dense", lambda: schedules.dense_scheduler(run.grid))):
-        right = sum(int(np.argmax(choice_loglik(run.model, enc, q, make, target, run.grid, run.acfg))) == q["answer"] for q in run.questions)
+        questions = tqdm(run.questions, desc=f"multiple choice, {m}", leave=False, dynamic_ncols=True)
+        right = sum(int(np.argmax(choice_loglik(run.model, enc, q, make, target, run.grid, run.acfg))) == q["answer"] for q in questions)
         accuracy[m] = right / len(run.questions)
     print(f"\nmultiple choice ({ec.mc}, {len(run.questions)} questions, budget {requested}): "
           + ", ".join(f"{m} {acc:.1%}" for m, acc in accuracy.items()))
@@ -529,11 +537,23 @@ def write_report(run, ec, budgets, rows, details, allocation, mc, val, test):
     print(f"wrote {run.out_dir / 'eval.json'}" + (f" and {png}" if png else ""))
 
 
+def say_cost(run, ec, budgets):
+    """What the evaluation will decode, on stderr before it starts: on a large model the defaults take a while."""
+    A, n = len(run.grid.values), len(budgets)
+    val = (50 + ec.search_schedules + 30 + (4 * A if ec.oracle else 0)) * n  # calibration (about), search, heuristic, oracle
+    test = 1 + (5 + (A if ec.oracle else 0)) * n
+    params = sum(p.numel() for p in run.model.parameters())
+    print(f"evaluating a {params:,}-parameter GPT in {ec.dtype}: about {val:,} decodes of {ec.val_episodes} validation episodes "
+          f"and {test:,} of {ec.eval_episodes} test episodes, {run.T} steps each ({'the oracle counts as one per grid action; ' if ec.oracle else ''}"
+          "fewer with --val_episodes, --eval_episodes, --search_schedules, --oracle=false, --budgets; faster with --dtype=bfloat16)", file=sys.stderr)
+
+
 def main(argv):
     ec, budgets = parse(argv)
     run = load_run(ec)
     if ec.prompt:
         return generate_side_by_side(run, ec, budgets[0], tokenizer(run))
+    say_cost(run, ec, budgets)
     val = held_out(run, ec, "val", ec.val_episodes)
     test = held_out(run, ec, "test", ec.eval_episodes)
     gen = torch.Generator().manual_seed(ec.seed)  # the baselines' random plans and the bootstrap

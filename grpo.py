@@ -23,7 +23,7 @@ class GRPOConfig:
     rollout_len: int = 16  # T controlled steps
     grad_accum: int = 1
     # budgets: --target_budget X sets keep*=X, prune*=X, bits*=16X; the target_* flags override one axis.
-    # An axis whose grid list holds only its dense value (e.cfg. --bits=16) is off: held dense.
+    # An axis whose grid list holds only its dense value (e.g. --bits=16) is off: held dense.
     target_budget: float = 0.5
     target_keep: float = None
     target_prune: float = None
@@ -61,7 +61,7 @@ def targets(cfg, acfg):
              cfg.target_bits / 16 if cfg.target_bits is not None else cfg.target_budget)
     for name, value in zip(schedules.AXES, asked):
         if not 0 < value <= 1:
-            raise UsageError(f"the {name} target must lie in (0, 1] (bits: in (0, 16]), got {value}; e.cfg. --target_budget=0.5")
+            raise UsageError(f"the {name} target must lie in (0, 1] (bits: in (0, 16]), got {value}; e.g. --target_budget=0.5")
     requested, notices = schedules.clamp_targets(acfg, asked)
     for line in notices:
         print(line)

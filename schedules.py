@@ -5,6 +5,7 @@ greedy decoding to a requested budget; and the bookkeeping of budgets, requested
 """
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import sol
 
@@ -167,8 +168,15 @@ def calibrate(model, policy, eps, requested, grid, acfg, C, batch, prefilled=Non
     target = torch.tensor([1.0 if v is None else v for v in requested], device=eps.device)
     prefilled = prefilled or sol.prefill_batches(model, eps, C, batch)  # one prefill for all the decodes
     scheduler = lambda bias: lambda: policy_scheduler(policy, greedy=True, bias=bias)
-    return calibrate_bias(lambda bias: sol.score_episodes(model, eps, target, scheduler(bias), grid, acfg, C, batch, prefilled)[1],
-                          requested, grid)
+    with progress("calibrate sol (val)") as bar:
+        return calibrate_bias(lambda bias: sol.score_episodes(model, eps, target, scheduler(bias), grid, acfg, C, batch, prefilled, bar)[1],
+                              requested, grid)
+
+
+def progress(desc, total=None):
+    """A progress bar on stderr (stdout keeps the tables), counting decode steps of one batch: an evaluation of a
+    large model is otherwise silent for minutes. It clears itself when done."""
+    return tqdm(desc=desc, total=total, unit=" steps", leave=False, dynamic_ncols=True)
 
 # -----------------------------------------------------------------------------
 # the oracle: at every step, every action tried, and the one that moves the next-token distribution least from
@@ -223,13 +231,14 @@ def calibrate_oracle(model, eps, requested, grid, acfg, C, batch, prefilled=None
     target = torch.tensor([1.0 if v is None else v for v in requested], device=eps.device)
     prefilled = prefilled or sol.prefill_batches(model, eps, C, batch)
     cal = tuple(torch.zeros(3, device=eps.device) for _ in range(3))  # price 0: the first decode is (nearly) dense
-    for _ in range(refits + 1):
+    for i in range(refits + 1):
         records = []  # per batch of episodes, its (t, -KL) steps
 
         def make():
             records.append([])
             return oracle_scheduler(model, grid, acfg, multiplier_bias(grid, *cal), records[-1])
-        sol.score_episodes(model, eps, target, make, grid, acfg, C, batch, prefilled)
+        with progress(f"calibrate oracle {i + 1}/{refits + 1} (val)", len(prefilled) * (eps.size(1) - C - 1)) as bar:
+            sol.score_episodes(model, eps, target, make, grid, acfg, C, batch, prefilled, bar)
         cal = calibrate_bias(lambda bias: replayed_budget(records, bias, grid), requested, grid)
     return cal
 

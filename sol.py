@@ -566,13 +566,14 @@ def step_scalars(t, T, eff, target, spent, n_eff):
 
 
 @torch.no_grad()
-def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=None):
+def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=None, bar=None):
     """Teacher-forced decode of T controlled steps under a schedule.
     cache: the LM's KV cache after a dense prefill of the context (N rows); h0 (N, C): its last hidden state.
     x (N, T+1): step t feeds x[:, t] and scores x[:, t+1]. target (N, 3): requested budget fractions.
     scheduler(t, obs) -> (N,) action indices. Returns the log-probs of the true tokens, the actions, the
     policy inputs of every step (to replay them at training time) and the achieved budget per row.
-    ref_logprobs (N, T, V): the dense run's log-probs, to add KL(p_dense || p_sparse) per step."""
+    ref_logprobs (N, T, V): the dense run's log-probs, to add KL(p_dense || p_sparse) per step. bar: a progress bar
+    (tqdm) advanced once per step."""
     N, T = x.size(0), x.size(1) - 1
     h, prev = h0, torch.full((N,), len(grid.values), dtype=torch.long, device=x.device)  # BOS action
     spent, n_eff = torch.zeros(N, 3, device=x.device), 0
@@ -595,6 +596,8 @@ def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=Non
         if ref_logprobs is not None:  # KL(p_dense || p_sparse) at this step
             out["kl"].append((ref_logprobs[:, t].exp() * (ref_logprobs[:, t] - logprobs)).sum(-1))
         h, prev = hs[:, -1], a
+        if bar is not None:
+            bar.update()
     out = {k: torch.stack(v, 1) for k, v in out.items() if v}  # each (N, T, ...)
     out["achieved"] = spent / max(n_eff, 1)  # (N, 3) mean budget over controllable steps
     return out
@@ -615,16 +618,17 @@ def prefill_batches(model, eps, C, batch):
 
 
 @torch.no_grad()
-def score_episodes(model, eps, target, make_scheduler, grid, acfg, C, batch, prefilled=None):
+def score_episodes(model, eps, target, make_scheduler, grid, acfg, C, batch, prefilled=None, bar=None):
     """Every episode eps (E, C+T+1) under a fresh scheduler per batch: the mean NLL over the T controlled
     steps of each episode (E,), the achieved budget (3,) and the actions (E, T). prefilled: prefill_batches
-    of the same episodes, copied instead of recomputed (the context is dense whatever the schedule)."""
+    of the same episodes, copied instead of recomputed (the context is dense whatever the schedule). bar: a progress
+    bar, advanced once per decode step of a batch."""
     T = eps.size(1) - C - 1
     nll, spent, actions = [], 0, []
     for j, i in enumerate(range(0, len(eps), batch)):
         x = eps[i:i + batch]
         cache, h0 = prefill(model, x, C, T) if prefilled is None else (prefilled[j][0].copy(), prefilled[j][1])
-        roll = rollout(model, cache, h0, x[:, C:], target.expand(len(x), 3), make_scheduler(), grid, acfg)
+        roll = rollout(model, cache, h0, x[:, C:], target.expand(len(x), 3), make_scheduler(), grid, acfg, bar=bar)
         nll.append(-roll["logp"].mean(1))
         spent = spent + roll["achieved"].sum(0)
         actions.append(roll["action"])

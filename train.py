@@ -12,7 +12,9 @@ Train a SOL policy with GRPO on teacher-forced episodes, on top of a frozen GPT.
    checkpoint (--init_from), then freeze it;
 3. GRPO (docs/method.md, section 3): prefill the context densely, run a dense reference and K sampled
    schedules over the next T tokens, reward the log-probs, penalize missed budgets, update the policy;
-4. evaluate on the test split: SOL (greedy), dense, and static allocation at SOL's achieved budget.
+4. evaluate on the test split: SOL (greedy), dense, static allocation at SOL's achieved budget, and the oracle: a
+   bound, not a method, that tries every grid action at every step (about 4 x A dense decodes for A actions, under a
+   minute by default; --oracle=false skips it on a large grid or model).
 
 Data parallel, one process per GPU (or several on a CPU), each with its share of every batch:
 
@@ -213,16 +215,19 @@ def evaluate(model, policy, eps, requested, grid, acfg, C, batch, cal, oracle_ca
     off_budget lists the axes it missed. Returns the rows and each method's per-episode NLL."""
     target = torch.tensor([1.0 if v is None else v for v in requested], device=eps.device)
     pre = sol.prefill_batches(model, eps, C, batch)
-    decode = lambda make: sol.score_episodes(model, eps, target, make, grid, acfg, C, batch, pre)[:2]
+    T = eps.size(1) - C - 1
+
+    def decode(name, make):
+        with schedules.progress(f"{name} (test)", len(pre) * T) as bar:
+            return sol.score_episodes(model, eps, target, make, grid, acfg, C, batch, pre, bar)[:2]
     bias = schedules.multiplier_bias(grid, *cal)
-    rows = [("sol", requested, *decode(lambda: schedules.policy_scheduler(policy, greedy=True, bias=bias)))]
-    rows.append(("dense", [1.0, 1.0, 1.0], *decode(lambda: schedules.dense_scheduler(grid))))
+    rows = [("sol", requested, *decode("sol", lambda: schedules.policy_scheduler(policy, greedy=True, bias=bias)))]
+    rows.append(("dense", [1.0, 1.0, 1.0], *decode("dense", lambda: schedules.dense_scheduler(grid))))
     matched = rows[0][3].tolist()
-    rows.append(("static", matched, *decode(lambda: schedules.static_scheduler(acfg, matched))))
+    rows.append(("static", matched, *decode("static", lambda: schedules.static_scheduler(acfg, matched))))
     if oracle_cal is not None:
         oracle_bias = schedules.multiplier_bias(grid, *oracle_cal)
-        rows.append(("oracle", requested, *decode(lambda: schedules.oracle_scheduler(model, grid, acfg, oracle_bias))))
-    T = eps.size(1) - C - 1
+        rows.append(("oracle", requested, *decode("oracle", lambda: schedules.oracle_scheduler(model, grid, acfg, oracle_bias))))
     asked = lambda t: [x if v is not None else None for x, v in zip(t, requested)]  # axes held dense are not checked
     return [{"method": m, "target": schedules.axes(t), "achieved": schedules.axes(a.tolist()), "off_budget": schedules.off_budget(a.tolist(), asked(t)),
              "nll": n.mean().item(), "ppl": math.exp(n.mean().item()), "tokens": n.numel() * T} for m, t, n, a in rows], {m: n for m, _, n, _ in rows}

@@ -1,6 +1,7 @@
 """eval.py on a tiny policy trained by the real train.py on the real synthetic corpus."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,13 +30,14 @@ def sweep(tmp_path_factory):
     assert p.returncode == 0, p.stderr[-2000:]
     p = run("eval.py", f"--out_dir={out}", "--budgets=0.5,0.8", "--mc=synth", *FAST)
     assert p.returncode == 0, p.stderr[-2000:]
-    return out, json.loads((out / "eval.json").read_text()), p.stdout
+    return out, json.loads((out / "eval.json").read_text()), p.stdout, p.stderr
 
 
 def test_every_method_at_every_budget_matched(sweep):
-    out, report, stdout = sweep
+    out, report, stdout, _ = sweep
     rows = report["results"]
-    assert {(r["method"], r["budget"]) for r in rows} == {(m, b) for m in ("sol", "dense", "static", "random", "search", "heuristic") for b in (0.5, 0.8)}
+    methods = ("sol", "dense", "static", "random", "search", "heuristic", "oracle")
+    assert {(r["method"], r["budget"]) for r in rows} == {(m, b) for m in methods for b in (0.5, 0.8)}
     for b in (0.5, 0.8):
         sol_row = next(r for r in rows if r["method"] == "sol" and r["budget"] == b)
         assert sol_row["target"] == {"keep": b, "prune": b, "bits": 16 * b}
@@ -45,7 +47,7 @@ def test_every_method_at_every_budget_matched(sweep):
             # SOL is held to the request, dense to dense, the others to what SOL spent
             asked = r["target"]
             assert asked == ({"keep": 1.0, "prune": 1.0, "bits": 16.0} if r["method"] == "dense" else
-                             sol_row["target"] if r["method"] == "sol" else sol_row["achieved"])
+                             sol_row["target"] if r["method"] in ("sol", "oracle") else sol_row["achieved"])
             off = [ax for ax in ("keep", "prune", "bits") if abs(r["achieved"][ax] - asked[ax]) > 0.02 * (16 if ax == "bits" else 1)]
             assert off == r["off_budget"], r  # a miss is flagged, and only a miss
             # static and random hit the budget by construction; search replays one T-step plan for every episode,
@@ -69,7 +71,7 @@ def test_every_method_at_every_budget_matched(sweep):
 
 
 def test_search_picks_on_validation_reports_on_test(sweep):
-    _, report, _ = sweep
+    _, report, _, _ = sweep
     for b, s in report["search"].items():
         assert len(s["val_nll"]) == 6 and s["best"] == min(range(6), key=s["val_nll"].__getitem__)
         row = next(r for r in report["results"] if r["method"] == "search" and str(r["budget"]) == b)
@@ -115,7 +117,7 @@ def test_mc_reader_rejects_malformed_lines(tmp_path, line, needle):
 
 
 def test_generation_and_bad_inputs(sweep, tmp_path):
-    out, _, _ = sweep
+    out, _, _, _ = sweep
     p = run("eval.py", f"--out_dir={out}", "--prompt=facts : color red . ask color", "--max_new_tokens=6", *FAST)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "[dense]" in p.stdout and "[sol]" in p.stdout and "mean log-prob under dense" in p.stdout
@@ -129,3 +131,28 @@ def test_generation_and_bad_inputs(sweep, tmp_path):
         p = run("eval.py", *args, *FAST)
         assert p.returncode == 2 and p.stderr.startswith("error:") and needle in p.stderr, (args, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_headroom_is_what_the_rows_give(sweep):
+    rows = sweep[1]["results"]
+    for b in (0.5, 0.8):
+        ppl = {r["method"]: r["ppl"] for r in rows if r["budget"] == b}
+        sol_row = next(r for r in rows if r["method"] == "sol" and r["budget"] == b)
+        assert math.isclose(sol_row["headroom"], ppl["static"] - ppl["oracle"], rel_tol=1e-5, abs_tol=1e-6)
+        assert math.isclose(sol_row["sol_share"], (ppl["static"] - ppl["sol"]) / (ppl["static"] - ppl["oracle"]), rel_tol=1e-4)
+    assert "headroom static - oracle" in sweep[2]
+
+
+def test_every_phase_reports_progress_on_stderr_and_stdout_is_unchanged(sweep):
+    out, _, stdout, stderr = sweep
+    phases = ["calibrate sol (val)", "calibrate oracle 1/3 (val)", "search 6 schedules (val)", "fit heuristic (val)",
+              "multiple choice, sol", *[f"{m} (test)" for m in ("dense", "sol", "static", "random", "search", "heuristic", "oracle")]]
+    missing = [p for p in phases if p not in stderr]
+    assert not missing, missing
+    assert "about" in stderr and "--val_episodes" in stderr  # the cost, said before it starts
+    assert "\r" not in stdout and not any(p in stdout for p in phases)
+    # the same evaluation with every bar off prints the same bytes on stdout
+    quiet = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"--out_dir={out}", "--budgets=0.5,0.8", "--mc=synth", *FAST],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert quiet.returncode == 0 and quiet.stdout == stdout
+    assert not any(p in quiet.stderr for p in phases)
