@@ -26,7 +26,7 @@ from test_train import TINY  # noqa: E402
 
 CFG = sol.GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32, mlp_hidden=48)
 # these models are tiny: one thread is faster, and ten times faster when other work shares the two cores
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")  # no progress bars: stderr holds what was said
 
 
 @pytest.fixture(scope="module", autouse=True)
