@@ -1,7 +1,8 @@
 """
 The schedulers: functions (t, obs) -> (N,) action indices that pick each step's compute for sol.rollout. The
-policy (sampled for training, greedy for evaluation), dense, and static allocation; the calibration that holds
-greedy decoding to a requested budget; and the bookkeeping of budgets, requested against achieved.
+policy (sampled for training, greedy for evaluation), dense, static allocation and the oracle bound; the joint
+calibration that holds greedy decoding (and the oracle) to a requested budget; and the bookkeeping of budgets,
+requested against achieved, and of the oracle's headroom.
 """
 import torch
 import torch.nn.functional as F
