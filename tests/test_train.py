@@ -42,8 +42,10 @@ def test_tiny_run_writes_valid_eval_json(tiny_run):
     assert report["dataset"] == "synth" and report["seed"] == 1337
     assert report["config"]["grpo"]["rollout_len"] == 4 and report["config"]["gpt"]["n_embd"] == 32
     rows = {r["method"]: r for r in report["results"]}
-    assert set(rows) == {"sol", "dense", "static"}
-    assert rows["sol"]["target"] == {"keep": 0.5, "prune": 0.5, "bits": 8.0}
+    assert set(rows) == {"sol", "dense", "static", "oracle"}
+    assert rows["sol"]["target"] == rows["oracle"]["target"] == {"keep": 0.5, "prune": 0.5, "bits": 8.0}
+    ppl = {m: r["ppl"] for m, r in rows.items()}  # the headroom is what the rows give
+    assert math.isclose(report["headroom"]["headroom"], ppl["static"] - ppl["oracle"], abs_tol=1e-3)  # float32 means
     assert rows["dense"]["achieved"] == {"keep": 1.0, "prune": 1.0, "bits": 16.0}
     for r in rows.values():
         assert r["tokens"] == 8 * 4
