@@ -233,9 +233,9 @@ def bench(name, gcfg, bc, device, peak, pretrain=True):
     gcfg_grpo = replace(gcfg, block_size=C + T)
     for K in (1, 16):
         step = grpo_setup(gcfg_grpo, bc, device, K)
-        if device == "cpu":  # a fresh process per run, see grpo_peak_memory; the median of three
+        if device == "cpu":  # a fresh process per run, see grpo_peak_memory; the median of three (fewer for --reps < 3)
             with ProcessPoolExecutor(1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-                memory = statistics.median(pool.submit(grpo_peak_memory, gcfg_grpo, bc, device, K).result() for _ in range(3))
+                memory = statistics.median(pool.submit(grpo_peak_memory, gcfg_grpo, bc, device, K).result() for _ in range(min(3, bc.reps)))
         else:
             memory = grpo_peak_memory(gcfg_grpo, bc, device, K)
         r["grpo"][f"K={K}"] = {"episodes_per_s": bc.batch_size * K / timeit(step, max(bc.reps // 2, 2), device),

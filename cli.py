@@ -72,6 +72,8 @@ def parse_args(argv, cfgs, hidden=()):
 
 
 def load_checkpoint(path, what):
+    if not Path(path).exists():
+        raise UsageError(f"the {what} checkpoint {path} is missing; rerun the train.py command that made it")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

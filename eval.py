@@ -13,10 +13,11 @@ Methods, all on the same frozen GPT, test episodes and controllable steps:
   static     the same setting every step, two neighbouring grid values mixed to SOL's achieved budget
   random     per sequence, a random order of the same per-axis values as static
   search     N random schedules at the budget, the best on validation, reported on test
-  heuristic  dense after a step whose prediction was uncertain (high entropy), cheapest otherwise
+  heuristic  an axis dense after a step whose prediction was uncertain (high entropy), cheapest otherwise, its
+             entropy thresholds fitted on validation as SOL's multipliers are
   oracle     a bound, not a method: every step tries every action and takes the one that moves the next-token
              distribution least from the dense one, at a price per unit of budget fitted on validation.
-             It costs about 4 x A dense decodes (A = grid actions: 80 by default); --oracle=false skips it
+             It costs up to 5 x A dense decodes (A = grid actions: 80 by default); --oracle=false skips it
 """
 import contextlib
 import io
@@ -54,7 +55,7 @@ class EvalConfig:
     val_episodes: int = 128  # validation episodes (budget calibration, search)
     eval_batch: int = 128
     search_schedules: int = 128  # random schedule search: candidates tried on validation
-    oracle: bool = True  # the oracle's row: every grid action probed at every step, about A times a dense decode, 4 decodes
+    oracle: bool = True  # the oracle's row: every grid action probed at every step, A times a dense decode, 3 to 5 decodes
     bootstrap: int = 1000  # paired bootstrap resamples for the confidence intervals
     prompt: str = ""  # generate side by side from this prompt instead of evaluating
     max_new_tokens: int = 32
@@ -114,28 +115,27 @@ def plan_scheduler(acfg, plan):
     return pick
 
 
-def heuristic_scheduler(acfg, thresholds):
-    """More compute after an uncertain step: axis a is dense when the previous prediction's entropy is
-    above thresholds[a], at its cheapest value otherwise."""
-    lo = [min(range(len(v)), key=lambda k: v[k]) for v in (acfg.keep, acfg.prune, acfg.bits)]
-    hi = [max(range(len(v)), key=lambda k: v[k]) for v in (acfg.keep, acfg.prune, acfg.bits)]
+def heuristic_scheduler(grid, bias):
+    """More compute after an uncertain step: each axis at its dense value or its cheapest, dense when the previous
+    prediction's entropy e is high. It scores those actions e * (number of dense axes) + bias, bias (t, N) -> (N, A) =
+    lam . budget(a) as for the policy, so axis i goes dense when e > -lam_i (1 - cheapest_i): calibrate_bias fits
+    the thresholds, and mixes two of them where many steps tie (a run of near-certain predictions)."""
+    b = grid.budget
+    ends = ((b == b.min(0).values) | (b == b.max(0).values)).all(-1)  # (A,) dense or cheapest on every axis
+    n_dense = (b == b.max(0).values).sum(-1).float()  # (A,)
 
     def pick(t, obs):
-        e = obs["entropy"]
-        idx = torch.stack([torch.where(e > th, h, l) for th, h, l in zip(thresholds, hi, lo)], -1)
-        return combine(acfg, idx)
+        score = obs["entropy"][:, None] * n_dense + bias(t, obs["emb"].size(0))  # (N, A)
+        return score.masked_fill(~ends, float("-inf")).argmax(-1)
     return pick
 
 
-def fit_heuristic(model, val, budget, grid, acfg, C, batch, prefilled, steps=10):
-    """Entropy thresholds that hit the budget on the validation episodes, solved jointly as SOL's multipliers are
-    (schedules.solve: the axes change each other's entropies). A lower threshold means more dense steps, so the knob
-    solved for is the threshold's negative."""
-    x = torch.zeros(3)
+def fit_heuristic(model, val, requested, grid, acfg, C, batch, prefilled):
+    """The heuristic's multipliers (lower, upper, share) that hold it to the requested budget on the validation
+    episodes, by calibrate_bias as SOL's are."""
     with schedules.progress("fit heuristic (val)") as bar:
-        spent = lambda: score_episodes(model, val, torch.ones(3), lambda: heuristic_scheduler(acfg, (-x).tolist()), grid, acfg, C, batch, prefilled, bar)[1]
-        schedules.solve(spent, torch.tensor(budget), range(3), x, -20.0, 0.0, steps)
-    return (-x).tolist()
+        spent = lambda bias: score_episodes(model, val, torch.ones(3), lambda: heuristic_scheduler(grid, bias), grid, acfg, C, batch, prefilled, bar)[1]
+        return schedules.calibrate_bias(spent, requested, grid)
 
 
 def bootstrap_delta(nll, ref, n, gen):
@@ -435,8 +435,10 @@ def every_method(run, ec, b, val, test, dense_nll, gen):
         val_nll = torch.stack([score(run, ec, val, target, lambda: plan_scheduler(acfg, c), bar=bar)[0].mean() for c in cands])
     best = int(val_nll.argmin())
     res["search"] = score(run, ec, test, target, lambda: plan_scheduler(acfg, cands[best]), "search (test)")
-    th = fit_heuristic(run.model, val[0], ach, run.grid, acfg, run.C, ec.eval_batch, val[1])
-    res["heuristic"] = score(run, ec, test, target, lambda: heuristic_scheduler(acfg, th), "heuristic (test)")
+    cals["heuristic"] = fit_heuristic(run.model, val[0], [a if len(v) > 1 else None for a, (v, _) in zip(ach, schedules.axis_lists(acfg))],
+                                      run.grid, acfg, run.C, ec.eval_batch, val[1])
+    bias = schedules.multiplier_bias(run.grid, *cals["heuristic"])
+    res["heuristic"] = score(run, ec, test, target, lambda: heuristic_scheduler(run.grid, bias), "heuristic (test)")
     if ec.oracle:  # at the requested budget, as SOL
         cals["oracle"] = schedules.calibrate_oracle(run.model, val[0], requested, run.grid, acfg, run.C, ec.eval_batch, val[1])
         bias = schedules.multiplier_bias(run.grid, *cals["oracle"])
@@ -540,7 +542,7 @@ def write_report(run, ec, budgets, rows, details, allocation, mc, val, test):
 def say_cost(run, ec, budgets):
     """What the evaluation will decode, on stderr before it starts: on a large model the defaults take a while."""
     A, n = len(run.grid.values), len(budgets)
-    val = (50 + ec.search_schedules + 30 + (4 * A if ec.oracle else 0)) * n  # calibration (about), search, heuristic, oracle
+    val = (50 + ec.search_schedules + 50 + (4 * A if ec.oracle else 0)) * n  # calibration (about), search, heuristic, oracle
     test = 1 + (5 + (A if ec.oracle else 0)) * n
     params = sum(p.numel() for p in run.model.parameters())
     print(f"evaluating a {params:,}-parameter GPT in {ec.dtype}: about {val:,} decodes of {ec.val_episodes} validation episodes "

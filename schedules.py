@@ -106,60 +106,59 @@ def policy_scheduler(policy, greedy, generator=None, bias=None, shard=(0, 1)):
     return pick
 
 
-def solve(spent, target, on, x, lo, hi, steps=8, rounds=6):
+def solve(spent, target, on, x, lo, hi, steps=14, rounds=6):
     """Knobs x (3,) that make spent() -> achieved budget (3,) meet target (3,) on the axes `on`, jointly: each axis's
     budget grows with its own knob but moves with the others' too (a policy that spends on all three axes together), so
     bisect one axis at a time over [lo, hi], in rounds, until every axis is within half the tolerance (test episodes
-    differ a little) or the rounds run out; an axis already within it is left alone. Returns each axis's last bracket."""
-    def bisect(axis, a, b):  # the budget grows with x[axis]; returns the last bracket
+    differ a little) or the rounds run out. An axis already within it is left alone; a bisection stops once its
+    axis is within a quarter. spent() is decoded once per distinct x."""
+    seen = {}
+
+    def at():
+        key = tuple(x.tolist())
+        if key not in seen:
+            seen[key] = spent()
+        return seen[key]
+
+    def bisect(axis):  # the budget grows with x[axis]
+        a, b = lo, hi
         for _ in range(steps):
             x[axis] = (a + b) / 2
-            a, b = (x[axis].item(), b) if spent()[axis] < target[axis] else (a, x[axis].item())
+            gap = at()[axis] - target[axis]
+            if gap.abs() <= BUDGET_TOL / 4:
+                return
+            a, b = (x[axis].item(), b) if gap < 0 else (a, x[axis].item())
         x[axis] = (a + b) / 2
-        return a, b
 
-    brackets = {}
-    for r in range(rounds):
+    for _ in range(rounds):
         for axis in on:
-            if r == 0 or (spent()[axis] - target[axis]).abs() > BUDGET_TOL / 2:
-                brackets[axis] = bisect(axis, lo, hi)
-        if not missed(spent(), target, on):
+            if (at()[axis] - target[axis]).abs() > BUDGET_TOL / 2:
+                bisect(axis)
+        if not missed(at(), target, on):
             break
-    return brackets
 
 
 def missed(achieved, target, on):
     return [axis for axis in on if (achieved[axis] - target[axis]).abs() > BUDGET_TOL / 2]
 
 
-def calibrate_bias(spent_under, requested, grid):
-    """Multipliers lam of the logit bias lam . budget(a) (multiplier_bias) that hold greedy decoding to the requested
+def calibrate_bias(spent_under, requested, grid, cell=0.25):
+    """Multipliers of the logit bias lam . budget(a) (multiplier_bias) that hold greedy decoding to the requested
     budget. spent_under(bias) decodes the validation episodes under a bias and returns the achieved budget (3,).
-    The achieved budget is a step function of lam and can jump across the target: on such an axis a share of the
-    steps takes the upper end of lam's last bracket and the rest its lower end; the shares and the other axes'
-    multipliers are then solved in turn until all meet the target.
-    Only the budget is calibrated, never quality. Returns the lower and upper multipliers and the upper one's share."""
+    The achieved budget is a step function of lam and can jump across the target at one lam (many steps tie), so
+    each axis is steered by a knob x that mixes: a share frac(x / cell) of the steps takes the multiplier just above
+    x on a grid of the given cell, the rest the one just below. The budget is then continuous in x, and solve meets
+    every axis at once. Only the budget is calibrated, never quality. Returns the lower and upper multipliers and
+    the upper one's share, (3,) each."""
     target = torch.tensor([1.0 if v is None else v for v in requested], device=grid.budget.device)
-    lower, upper, share = (torch.zeros(3, device=grid.budget.device) for _ in range(3))
-    spent = lambda: spent_under(multiplier_bias(grid, lower, upper, share))
-    on = [i for i in range(3) if requested[i] is not None]
-    brackets = solve(spent, target, on, lower, -20.0, 20.0)
-    upper.copy_(lower)
-    mixed = []
-    for _ in range(3):
-        off = missed(spent(), target, on)
-        if not off:
-            break
-        for axis in off:
-            if axis not in mixed:  # no one multiplier meets it: mix the two around the jump
-                lower[axis], upper[axis] = brackets[axis]
-                mixed.append(axis)
-        solve(spent, target, mixed, share, 0.0, 1.0)
-        single = [axis for axis in on if axis not in mixed]  # the mixing moved these a little: solved again
-        if single and missed(spent(), target, single):
-            brackets.update(solve(spent, target, single, lower, -20.0, 20.0))
-            upper[single] = lower[single]
-    return lower, upper, share
+    x = torch.zeros(3, device=grid.budget.device)
+
+    def mix():
+        lower = torch.floor(x / cell) * cell
+        share = x / cell - torch.floor(x / cell)
+        return lower, torch.where(share > 0, lower + cell, lower), share
+    solve(lambda: spent_under(multiplier_bias(grid, *mix())), target, [i for i in range(3) if requested[i] is not None], x, -20.0, 20.0)
+    return mix()
 
 
 def calibrate(model, policy, eps, requested, grid, acfg, C, batch, prefilled=None):
@@ -194,19 +193,12 @@ def probe(model, cache, token, grid, acfg, chunk=2**27):
     out = []
     for i in range(0, N, per):
         part = slice(i, min(i + per, N))
-        sub = cache_rows(cache, part).fork(A, 1)
+        sub = cache.rows(part).fork(A, 1)
         logits, _ = model(token[part].repeat_interleave(A)[:, None], sub, grid.values.repeat(sub.k.size(1) // A, 1), acfg)
         logp = torch.log_softmax(logits[:, -1].float(), -1).unflatten(0, (-1, A))  # (n, A, V)
         ref = logp[:, grid.dense]  # the dense action, from the same state
         out.append((ref.exp()[:, None] * (ref[:, None] - logp)).sum(-1).clamp_min(0))
     return torch.cat(out)
-
-
-def cache_rows(cache, rows):
-    """A view of some rows of a cache (no copy), to fork from."""
-    c = sol.KVCache.__new__(sol.KVCache)
-    c.k, c.v, c.parent, c.start, c.len = cache.k[:, rows], cache.v[:, rows], None, cache.start, cache.len
-    return c
 
 
 def oracle_scheduler(model, grid, acfg, bias=None, record=None):
@@ -224,22 +216,25 @@ def oracle_scheduler(model, grid, acfg, bias=None, record=None):
     return pick
 
 
-def calibrate_oracle(model, eps, requested, grid, acfg, C, batch, prefilled=None, refits=2):
+def calibrate_oracle(model, eps, requested, grid, acfg, C, batch, prefilled=None, fits=4):
     """The oracle's prices held to the requested budget on the validation episodes eps, by calibrate_bias as SOL's
-    multipliers are, but over recorded probes instead of decodes: decode once recording every step's -KL over the
-    grid, solve on the records, and decode again at the solution (its choices change the states it probes), refits
-    times. Returns (lower, upper, share) as calibrate."""
+    multipliers are, but over recorded probes instead of decodes: decode recording every step's -KL over the grid,
+    solve on the records, and decode again at the solution (its choices change the states it probes), until a
+    decode meets the target or `fits` decodes are spent. Returns (lower, upper, share) as calibrate."""
     target = torch.tensor([1.0 if v is None else v for v in requested], device=eps.device)
+    on = [i for i in range(3) if requested[i] is not None]
     prefilled = prefilled or sol.prefill_batches(model, eps, C, batch)
     cal = tuple(torch.zeros(3, device=eps.device) for _ in range(3))  # price 0: the first decode is (nearly) dense
-    for i in range(refits + 1):
+    for i in range(fits):
         records = []  # per batch of episodes, its (t, -KL) steps
 
         def make():
             records.append([])
             return oracle_scheduler(model, grid, acfg, multiplier_bias(grid, *cal), records[-1])
-        with progress(f"calibrate oracle {i + 1}/{refits + 1} (val)", len(prefilled) * (eps.size(1) - C - 1)) as bar:
-            sol.score_episodes(model, eps, target, make, grid, acfg, C, batch, prefilled, bar)
+        with progress(f"calibrate oracle {i + 1}/{fits} (val)", len(prefilled) * (eps.size(1) - C - 1)) as bar:
+            achieved = sol.score_episodes(model, eps, target, make, grid, acfg, C, batch, prefilled, bar)[1]
+        if i > 0 and not missed(achieved, target, on):
+            break
         cal = calibrate_bias(lambda bias: replayed_budget(records, bias, grid), requested, grid)
     return cal
 

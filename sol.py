@@ -263,6 +263,13 @@ class KVCache:
         c.k, c.v, c.parent, c.start, c.len = self.k.clone(), self.v.clone(), self.parent, self.start, self.len
         return c
 
+    def rows(self, idx):
+        """A view of some rows (no copy), to fork from."""
+        assert self.parent is None, "a view of a cache that holds its own prefix"
+        c = KVCache.__new__(KVCache)
+        c.k, c.v, c.parent, c.start, c.len = self.k[:, idx], self.v[:, idx], None, self.start, self.len
+        return c
+
     def fork(self, K, size):
         """K rows per row, sharing the positions cached so far, each with room for `size` more."""
         assert self.parent is None, "fork a cache that holds its own prefix"

@@ -30,14 +30,6 @@ FAST = ["--val_episodes=8", "--eval_episodes=12", "--search_schedules=4", "--boo
 CFG = sol.GPTConfig(block_size=64, vocab_size=64, n_layer=1, n_head=2, n_embd=32, mlp_hidden=48)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # these models are tiny: one thread is faster, far faster when other work shares the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def script(name, *args, timeout=600):
     return subprocess.run([sys.executable, str(ROOT / name), *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 

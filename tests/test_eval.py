@@ -116,7 +116,7 @@ def test_mc_reader_rejects_malformed_lines(tmp_path, line, needle):
     assert ev.read_mc(f)[0]["answer"] == 1
 
 
-def test_generation_and_bad_inputs(sweep, tmp_path):
+def test_generation_and_bad_inputs(sweep, tmp_path, in_process):
     out, _, _, _ = sweep
     p = run("eval.py", f"--out_dir={out}", "--prompt=facts : color red . ask color", "--max_new_tokens=6", *FAST)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -128,9 +128,9 @@ def test_generation_and_bad_inputs(sweep, tmp_path):
                          ([f"--out_dir={out}", "--budgets=a"], "comma list"),
                          ([f"--out_dir={out}", f"--mc={bad}"], "line 1 needs"),
                          ([f"--out_dir={out}", "--prompt=x", "--max_new_tokens=500"], "max_new_tokens")):
-        p = run("eval.py", *args, *FAST)
-        assert p.returncode == 2 and p.stderr.startswith("error:") and needle in p.stderr, (args, p.stderr)
-        assert len(p.stderr.strip().splitlines()) == 1
+        code, _, err = in_process(ROOT / "eval.py", *args, *FAST)  # its command line in this process (tests/conftest.py)
+        assert code == 2 and err.startswith("error:") and needle in err, (args, err)
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_headroom_is_what_the_rows_give(sweep):
@@ -145,7 +145,7 @@ def test_headroom_is_what_the_rows_give(sweep):
 
 def test_every_phase_reports_progress_on_stderr_and_stdout_is_unchanged(sweep):
     out, _, stdout, stderr = sweep
-    phases = ["calibrate sol (val)", "calibrate oracle 1/3 (val)", "search 6 schedules (val)", "fit heuristic (val)",
+    phases = ["calibrate sol (val)", "calibrate oracle 1/4 (val)", "search 6 schedules (val)", "fit heuristic (val)",
               "multiple choice, sol", *[f"{m} (test)" for m in ("dense", "sol", "static", "random", "search", "heuristic", "oracle")]]
     missing = [p for p in phases if p not in stderr]
     assert not missing, missing

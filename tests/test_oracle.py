@@ -10,32 +10,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 import schedules  # noqa: E402
 import sol  # noqa: E402
-
-CFG = sol.GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32, mlp_hidden=48)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # tiny models: one thread is faster, and kinder to a shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_method import CFG, episodes  # noqa: E402
+from test_method import gpt as random_gpt  # noqa: E402
 
 
 def gpt(seed=0):
     """A tiny random GPT with weights sharp enough that every action moves its predictions."""
-    torch.manual_seed(seed)
-    model = sol.GPT(CFG).eval().requires_grad_(False)
-    for p in model.parameters():
-        if p.dim() == 2:
-            p.normal_(0, 0.3)
-    return model
-
-
-def episodes(n, C, T, seed=0):
-    return torch.randint(0, CFG.vocab_size, (n, C + T + 1), generator=torch.Generator().manual_seed(seed))
+    return random_gpt(seed, std=0.3)
 
 
 @torch.no_grad()
@@ -134,6 +118,7 @@ def test_the_joint_solve_meets_targets_that_per_axis_bisection_misses():
     schedules.solve(lambda: spent_under(grid.budget @ x), target, [0, 1], x, -20.0, 20.0, rounds=2)
     assert schedules.missed(at(x.tolist()), target, [0, 1]) == [0]
     # the joint solve meets both, with multipliers in the region of the hand-derived ones
-    lower, upper, share = schedules.calibrate(model, policy, val, requested, grid, acfg, C, 6)
-    assert torch.allclose(at(lower.tolist()), target) and (share == 0).all()
-    assert abs(lower[0] + 0.2) < 0.4 and abs(lower[1] - 2.8) < 0.4 and lower[2] == 0
+    cal = schedules.calibrate(model, policy, val, requested, grid, acfg, C, 6)
+    assert torch.allclose(spent_under(schedules.multiplier_bias(grid, *cal)), target)
+    for lam in cal[:2]:  # the multipliers below and above each axis's knob
+        assert abs(lam[0] + 0.2) < 0.4 and abs(lam[1] - 2.8) < 0.4 and lam[2] == 0

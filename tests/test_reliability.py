@@ -29,14 +29,6 @@ CFG = sol.GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")  # no progress bars: stderr holds what was said
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run(*args):
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
