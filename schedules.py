@@ -173,10 +173,10 @@ def calibrate(model, policy, eps, requested, grid, acfg, C, batch, prefilled=Non
                               requested, grid)
 
 
-def progress(desc, total=None):
+def progress(desc, total=None, unit=" steps"):
     """A progress bar on stderr (stdout keeps the tables), counting decode steps of one batch: an evaluation of a
     large model is otherwise silent for minutes. It clears itself when done."""
-    return tqdm(desc=desc, total=total, unit=" steps", leave=False, dynamic_ncols=True)
+    return tqdm(desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True)
 
 # -----------------------------------------------------------------------------
 # the oracle: at every step, every action tried, and the one that moves the next-token distribution least from
@@ -191,13 +191,15 @@ def probe(model, cache, token, grid, acfg, chunk=2**27):
     N, A = token.size(0), len(grid.values)
     per = max(1, chunk // (4 * A * model.cfg.vocab_size))  # rows per forward
     out = []
-    for i in range(0, N, per):
-        part = slice(i, min(i + per, N))
-        sub = cache.rows(part).fork(A, 1)
-        logits, _ = model(token[part].repeat_interleave(A)[:, None], sub, grid.values.repeat(sub.k.size(1) // A, 1), acfg)
-        logp = torch.log_softmax(logits[:, -1].float(), -1).unflatten(0, (-1, A))  # (n, A, V)
-        ref = logp[:, grid.dense]  # the dense action, from the same state
-        out.append((ref.exp()[:, None] * (ref[:, None] - logp)).sum(-1).clamp_min(0))
+    with progress("probe every action", N, " rows") as bar:  # one step of a real LM can take half a minute
+        for i in range(0, N, per):
+            part = slice(i, min(i + per, N))
+            sub = cache.rows(part).fork(A, 1)
+            logits, _ = model(token[part].repeat_interleave(A)[:, None], sub, grid.values.repeat(sub.k.size(1) // A, 1), acfg)
+            logp = torch.log_softmax(logits[:, -1].float(), -1).unflatten(0, (-1, A))  # (n, A, V)
+            ref = logp[:, grid.dense]  # the dense action, from the same state
+            out.append((ref.exp()[:, None] * (ref[:, None] - logp)).sum(-1).clamp_min(0))
+            bar.update(part.stop - part.start)
     return torch.cat(out)
 
 
