@@ -386,7 +386,7 @@ def requested_for(run, b):
 def held_out(run, ec, split, n):
     """n fixed episodes (n, C+T+1) of a split, and their dense prefill, which every schedule shares."""
     eps = episodes(run.splits[split], n, run.C + run.T + 1)
-    return eps, sol.prefill_batches(run.model, eps, run.C, ec.eval_batch)
+    return eps, schedules.prefill_shown(run.model, eps, run.C, ec.eval_batch, split)
 
 
 def score(run, ec, split, target, make_scheduler, desc=None, bar=None):

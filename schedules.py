@@ -173,6 +173,12 @@ def calibrate(model, policy, eps, requested, grid, acfg, C, batch, prefilled=Non
                               requested, grid)
 
 
+def prefill_shown(model, eps, C, batch, split):
+    """sol.prefill_batches under a progress bar: one batch of a real LM's contexts can take a quarter of a minute."""
+    with progress(f"prefill {split}", -(-len(eps) // batch), " batches") as bar:
+        return sol.prefill_batches(model, eps, C, batch, bar)
+
+
 def progress(desc, total=None, unit=" steps"):
     """A progress bar on stderr (stdout keeps the tables), counting decode steps of one batch: an evaluation of a
     large model is otherwise silent for minutes. It clears itself when done."""

@@ -618,10 +618,16 @@ def prefill(model, x, C, T):
 
 
 @torch.no_grad()
-def prefill_batches(model, eps, C, batch):
+def prefill_batches(model, eps, C, batch, bar=None):
     """The dense prefill of every episode's context, batch by batch as decode takes them: an evaluation decodes
-    the same episodes under many schedules (calibration, search), and each reuses these."""
-    return [prefill(model, eps[i:i + batch], C, eps.size(1) - C - 1) for i in range(0, len(eps), batch)]
+    the same episodes under many schedules (calibration, search), and each reuses these. bar: a progress bar,
+    advanced once per batch."""
+    out = []
+    for i in range(0, len(eps), batch):
+        out.append(prefill(model, eps[i:i + batch], C, eps.size(1) - C - 1))
+        if bar is not None:
+            bar.update()
+    return out
 
 
 @torch.no_grad()

@@ -214,7 +214,7 @@ def evaluate(model, policy, eps, requested, grid, acfg, C, batch, cal, oracle_ca
     requested budget, on the same episodes. Each method's achieved budget is checked against what it was asked for:
     off_budget lists the axes it missed. Returns the rows and each method's per-episode NLL."""
     target = torch.tensor([1.0 if v is None else v for v in requested], device=eps.device)
-    pre = sol.prefill_batches(model, eps, C, batch)
+    pre = schedules.prefill_shown(model, eps, C, batch, "test")
     T = eps.size(1) - C - 1
 
     def decode(name, make):
@@ -497,7 +497,7 @@ def final_evaluation(run, model, policy):
 def evaluate_and_report(model, policy, run):
     tc, C, T, device = run.tc, run.grpo_cfg.context_len, run.grpo_cfg.rollout_len, run.device
     val = episodes(run.splits["val"], tc.eval_episodes // 2, C + T + 1).to(device)
-    pre = sol.prefill_batches(model, val, C, tc.eval_batch)
+    pre = schedules.prefill_shown(model, val, C, tc.eval_batch, "val")
     cal = schedules.calibrate(model, policy, val, run.requested, run.grid, run.acfg, C, tc.eval_batch, pre)
     oracle_cal = schedules.calibrate_oracle(model, val, run.requested, run.grid, run.acfg, C, tc.eval_batch, pre) if tc.oracle else None
     eps = episodes(run.splits["test"], tc.eval_episodes, C + T + 1).to(device)

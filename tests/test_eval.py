@@ -145,7 +145,7 @@ def test_headroom_is_what_the_rows_give(sweep):
 
 def test_every_phase_reports_progress_on_stderr_and_stdout_is_unchanged(sweep):
     out, _, stdout, stderr = sweep
-    phases = ["calibrate sol (val)", "calibrate oracle 1/4 (val)", "probe every action", "search 6 schedules (val)", "fit heuristic (test)",
+    phases = ["prefill val", "prefill test", "calibrate sol (val)", "calibrate oracle 1/4 (val)", "probe every action", "search 6 schedules (val)", "fit heuristic (test)",
               "multiple choice, sol", *[f"{m} (test)" for m in ("dense", "sol", "static", "random", "search", "heuristic", "oracle")]]
     missing = [p for p in phases if p not in stderr]
     assert not missing, missing
