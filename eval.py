@@ -8,7 +8,7 @@ Evaluate a trained SOL policy against every baseline at the same achieved budget
     python eval.py --out_dir out --init_from path/to/model.gguf    # a run trained on a checkpoint that has moved
 
 Methods, all on the same frozen GPT, test episodes and controllable steps:
-  sol        the policy, greedy, its budget calibrated on the validation split
+  sol        the policy, greedy, its budget calibrated on the validation split (20 to 60 decodes of it)
   dense      every step dense: the upper bound
   static     the same setting every step, two neighbouring grid values mixed to SOL's achieved budget
   random     per sequence, a random order of the same per-axis values as static

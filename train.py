@@ -12,9 +12,10 @@ Train a SOL policy with GRPO on teacher-forced episodes, on top of a frozen GPT.
    checkpoint (--init_from), then freeze it;
 3. GRPO (docs/method.md, section 3): prefill the context densely, run a dense reference and K sampled
    schedules over the next T tokens, reward the log-probs, penalize missed budgets, update the policy;
-4. evaluate on the test split: SOL (greedy), dense, static allocation at SOL's achieved budget, and the oracle: a
-   bound, not a method, that tries every grid action at every step (3 to 5 x A dense decodes for A actions, under a
-   minute by default; --oracle=false skips it on a large grid or model).
+4. evaluate on the test split: SOL (greedy, its budget calibrated in 20 to 60 decodes of --eval_episodes/2
+   validation episodes), dense, static allocation at SOL's achieved budget, and the oracle: a bound, not a method,
+   that tries every grid action at every step (3 to 5 x A dense decodes for A actions, under a minute by default;
+   --oracle=false skips it on a large grid or model).
 
 Data parallel, one process per GPU (or several on a CPU), each with its share of every batch:
 
