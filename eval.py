@@ -329,6 +329,7 @@ def load_gpt(ec, cfg, out_dir):
         if not init.exists() or pretrained.digest(init) != cfg["base_sha1"]:
             raise UsageError(f"{init} is not the checkpoint {out_dir} was trained on ({cfg['base']}, sha1 {cfg['base_sha1'][:10]}); "
                              "pass that one with --init_from")
+        print(f"reading {init}", file=sys.stderr)  # a real LM's file takes a while to read and dequantize
         return pretrained.load(init, dtype), init
     if ec.init_from:
         raise UsageError(f"{out_dir} was trained on its own base GPT, not a checkpoint; drop --init_from")
