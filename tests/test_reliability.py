@@ -4,7 +4,6 @@ import json
 import math
 import os
 import re
-import runpy
 import shutil
 import signal
 import subprocess
@@ -197,22 +196,6 @@ def test_resume_into_another_config_names_it(finished, tmp_path, flags, needle):
 # bad invocations: exit 2, one "error:" line naming the problem and the fix, nothing half-written
 
 
-def cli(args, monkeypatch, capsys):
-    """train.py's command line run in this process (no interpreter start-up): exit code and stderr."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    monkeypatch.setattr(sys, "argv", ["train.py", *args])
-    capsys.readouterr()
-    try:
-        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    return code, capsys.readouterr().err
-
-
 def more_bad_cases(tmp):
     """Beyond tests/test_train.py's bad_cases."""
     latin1, a_file, empty_ckpt = tmp / "latin1.txt", tmp / "a_file", tmp / "empty_ckpt"
@@ -262,13 +245,13 @@ def more_bad_cases(tmp):
     ]
 
 
-def test_bad_invocations_one_clear_line(tmp_path, monkeypatch, capsys):
+def test_bad_invocations_one_clear_line(tmp_path, in_process):  # train.py's command line in this process (tests/conftest.py)
     def leftovers():
         return sorted(str(p) for d in (tmp_path, ROOT / "data") for p in d.rglob("*") if p.suffix in (".tmp", ".partial"))
     before = leftovers()
     for args, needle in more_bad_cases(tmp_path):
         out = [] if any(a.startswith("--out_dir") for a in args) else [f"--out_dir={tmp_path / 'out'}"]
-        code, err = cli([*TINY, *out, *args], monkeypatch, capsys)
+        code, _, err = in_process(ROOT / "train.py", *TINY, *out, *args)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, err)
         assert needle in lines[0], (args, lines[0])
@@ -276,12 +259,12 @@ def test_bad_invocations_one_clear_line(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod; the path-under-a-file case covers it")
-def test_read_only_out_dir(tmp_path, monkeypatch, capsys):
+def test_read_only_out_dir(tmp_path, in_process):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        code, err = cli([*TINY, f"--out_dir={ro / 'out'}"], monkeypatch, capsys)
+        code, _, err = in_process(ROOT / "train.py", *TINY, f"--out_dir={ro / 'out'}")
     finally:
         ro.chmod(0o700)
     assert code == 2 and err.startswith("error: cannot write to --out_dir") and len(err.strip().splitlines()) == 1
