@@ -122,7 +122,7 @@ def grpo_setup(gcfg, bc, device, K, acfg=ActionConfig(), pcfg=PolicyConfig(), co
     draw = lambda: (torch.randint(0, gcfg.vocab_size, (B, C + T + 1), generator=gen).to(device),
                     torch.tensor([requested]).expand(B, 3).to(device))
     steps = grpo.compile_steps(model, policy, acfg) if compiled else None
-    return lambda: grpo.iteration(model, policy, opt, draw, grid, acfg, cfg, [True] * 3, compiled=steps)
+    return lambda: grpo.iteration(model, policy, opt, draw, grid, acfg, cfg, [True] * 3, torch.zeros(3), compiled=steps)
 
 
 class OpCounter(TorchDispatchMode):

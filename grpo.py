@@ -39,9 +39,14 @@ class GRPOConfig:
     adv_level: str = "process"  # process | outcome
     adv_norm: str = "center"  # center | zscore, over the K rollouts of one sequence
     whiten: bool = True  # whiten advantages over the batch
-    alpha_keep: float = 100.0
-    alpha_prune: float = 100.0
-    alpha_bits: float = 200.0
+    # budget penalty per rollout and axis: price * (achieved - target) + alpha * max(|achieved - target| - tol, 0)^2.
+    # The price is learned by dual ascent (price += dual_lr * the batch's mean gap, each iteration), so it settles
+    # where the policy spends the target whatever the scale of the rewards; the small quadratic holds each sequence
+    # to its own target (--sample_budgets). The reference: --dual_lr=0 --alpha_keep=100 --alpha_prune=100 --alpha_bits=200.
+    dual_lr: float = 1.0
+    alpha_keep: float = 3.0
+    alpha_prune: float = 3.0
+    alpha_bits: float = 6.0
     budget_tol: float = 0.02
     # update
     clip_eps: float = 0.2
@@ -92,18 +97,29 @@ def returns(r, cfg):
     return G
 
 
-def budget_penalty(achieved, target, enabled, cfg):
-    """Per rollout: sum over axes of alpha * max(|achieved - target| - tol, 0)^2."""
-    alpha = torch.tensor([cfg.alpha_keep, cfg.alpha_prune, cfg.alpha_bits]) * torch.tensor(enabled, dtype=torch.float32)
-    cost = ((achieved - target).abs() - cfg.budget_tol).clamp_min(0) ** 2
-    return (cost * alpha.to(cost.device)).sum(-1)
+def budget_penalty(achieved, target, price, enabled, cfg):
+    """Per rollout (N,): sum over the enabled axes of price * gap + alpha * max(|gap| - tol, 0)^2, gap = achieved - target.
+    achieved, target (N, 3); price (3,). Within a group of rollouts the linear term charges spending itself, as a
+    Lagrange multiplier does; the quadratic charges any deviation, so a large alpha punishes rollouts that spend
+    where it pays as much as those that waste it."""
+    on = torch.tensor(enabled, dtype=torch.float32, device=achieved.device)
+    alpha = torch.tensor([cfg.alpha_keep, cfg.alpha_prune, cfg.alpha_bits], device=achieved.device)
+    gap = achieved - target
+    return ((price.to(gap.device) * gap + alpha * (gap.abs() - cfg.budget_tol).clamp_min(0) ** 2) * on).sum(-1)
 
 
-def penalized_returns(roll, target, enabled, cfg):
+def dual_ascent(price, gap, enabled, cfg):
+    """The next price (3,): raised on an axis the batch overspent, lowered on one it underspent, by dual_lr times the
+    mean gap (achieved - target, (N, 3)) over every process's rollouts. It may go negative: a policy that underspends
+    is paid to spend."""
+    return price + cfg.dual_lr * gather_rows(gap).mean(0).cpu() * torch.tensor(enabled, dtype=torch.float32)
+
+
+def penalized_returns(roll, target, price, enabled, cfg):
     """The returns of a rollout's step rewards r_t = (1-w) log p_sparse - w KL(p_dense || p_sparse), less its
     budget penalty at every step; roll holds "kl" only when w > 0. (N, T)"""
     reward = (1 - cfg.task_w_kl) * roll["logp"] - (cfg.task_w_kl * roll["kl"] if "kl" in roll else 0)
-    return returns(reward, cfg) - budget_penalty(roll["achieved"], target, enabled, cfg)[:, None]
+    return returns(reward, cfg) - budget_penalty(roll["achieved"], target, price, enabled, cfg)[:, None]
 
 
 def gather_rows(x):
@@ -179,18 +195,22 @@ def compile_steps(model, policy, acfg):
     return gpt, torch.compile(policy, dynamic=True)
 
 
-def iteration(model, policy, opt, draw, grid, acfg, cfg, enabled, trained=None, initial=None, shard=(0, 1), compiled=None):
+def iteration(model, policy, opt, draw, grid, acfg, cfg, enabled, price, trained=None, initial=None, shard=(0, 1), compiled=None):
     """One GRPO iteration: cfg.grad_accum micro-batches, each drawn by draw() -> (x (B, C+T+1), target (B, 3)),
-    rolled out (steps 1-3), scored (4-7: reward, return, budget penalty, advantage), and one update (8).
+    rolled out (steps 1-3), scored (4-7: reward, return, budget penalty at the budget's price (3,), advantage),
+    one update (8), and the price's dual-ascent step (9).
     trained: the policy as the backward sees it (DDP's wrapper); initial: a frozen copy for the KL term; compiled:
     compile_steps(model, policy, acfg), to decode the rollouts with.
-    Returns the last micro-batch's rollouts, targets and dense log-probs, and whether the update was applied."""
+    Returns the last micro-batch's rollouts, targets and dense log-probs, whether the update was applied, and the next price."""
     trained = trained or policy
     opt.zero_grad(set_to_none=True)
+    gaps = []
     for micro in range(cfg.grad_accum):
         x, target = draw()
         roll, dense_logp = rollouts(model, policy, x, target, grid, acfg, cfg, shard, compiled)
-        A = advantages(penalized_returns(roll, target.repeat_interleave(cfg.rollouts, 0), enabled, cfg), len(x), cfg.rollouts, cfg)
+        targets = target.repeat_interleave(cfg.rollouts, 0)
+        A = advantages(penalized_returns(roll, targets, price, enabled, cfg), len(x), cfg.rollouts, cfg)
+        gaps.append(roll["achieved"] - targets)
         with torch.no_grad():
             old_logp = policy_logprobs(policy, roll, policy.pcfg.temperature)[0]  # the policy that sampled
         for epoch in range(cfg.ppo_epochs):
@@ -204,4 +224,5 @@ def iteration(model, policy, opt, draw, grid, acfg, cfg, enabled, trained=None, 
     applied = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)))
     if applied:
         opt.step()
-    return roll, target, dense_logp, applied
+    price = dual_ascent(price, torch.cat(gaps), enabled, cfg)
+    return roll, target, dense_logp, applied, price

@@ -397,13 +397,14 @@ def new_policy(run, model):
     opt = torch.optim.AdamW(policy.parameters(), lr=grpo_cfg.lr, weight_decay=0.0)
     run.config = {"train": asdict(run.tc), "grpo": asdict(grpo_cfg), "gpt": gpt_config(gcfg), "action": asdict(run.acfg),
                   "policy": asdict(pcfg), "base": str(run.base_path.resolve() if run.init else run.base_path), "base_sha1": run.base_sha1}
-    run.start, run.skipped, state = 0, 0, None
+    run.start, run.skipped, run.price, run.recent, state = 0, 0, torch.zeros(3), [], None
     if run.tc.resume:
         state = load_checkpoint(run.ckpt_path, "policy")
         check_resumable(run, state["config"])
         policy.load_state_dict(state["policy"])
         opt.load_state_dict(state["optimizer"])
         run.start, run.skipped = state["iter"], state.get("skipped", 0)
+        run.price, run.recent = state.get("price", run.price), state.get("recent", [])
         print(f"resuming {run.ckpt_path} at iteration {run.start}")
     initial = None
     if grpo_cfg.kl_coef > 0:
@@ -447,21 +448,22 @@ def train_policy(run, model, policy, opt, initial):
     def save(it):
         if run.master:
             save_atomic({"policy": policy.state_dict(), "optimizer": opt.state_dict(), "iter": it, "config": run.config, "skipped": run.skipped,
-                         "rng": rng_state(run.rng), "command": run.cmd, "initial_policy": None if initial is None else initial.state_dict()},
+                         "price": run.price, "recent": run.recent, "rng": rng_state(run.rng), "command": run.cmd, "initial_policy": None if initial is None else initial.state_dict()},
                         run.ckpt_path)
     run.out_dir.mkdir(parents=True, exist_ok=True)
     pbar = tqdm(range(run.start, cfg.max_iters), desc="grpo", dynamic_ncols=True, initial=run.start, total=cfg.max_iters,
                 disable=not run.master or run.start >= cfg.max_iters)
     for it in pbar:
-        roll, target, dense_logp, applied = grpo.iteration(model, policy, opt, draw, run.grid, run.acfg, cfg, run.enabled,
-                                                           trained, initial, (run.rank, run.world), compiled)
+        roll, target, dense_logp, applied, run.price = grpo.iteration(model, policy, opt, draw, run.grid, run.acfg, cfg, run.enabled,
+                                                                      run.price, trained, initial, (run.rank, run.world), compiled)
         if not applied:
             run.skipped += 1
             tqdm.write(f"warning: iteration {it + 1}: non-finite reward, advantage or loss; update skipped ({run.skipped} so far)")
-        ach = roll["achieved"].mean(0)
+        ach, gap = roll["achieved"].mean(0), roll["achieved"] - target.repeat_interleave(K, 0)
+        run.recent = (run.recent + [[ach.tolist(), gap.mean(0).tolist()]])[-20:]  # the sampled budget, for the end-of-training line
         pbar.set_postfix(reward=f"{roll['logp'].mean():.3f}", dense=f"{dense_logp.mean():.3f}",
-                         keep=f"{ach[0]:.2f}", prune=f"{ach[1]:.2f}", bits=f"{ach[2] * 16:.1f}",
-                         gap=f"{(roll['achieved'] - target.repeat_interleave(K, 0)).abs().mean():.3f}", skipped=run.skipped)
+                         keep=f"{ach[0]:.2f}", prune=f"{ach[1]:.2f}", bits=f"{ach[2] * 16:.1f}", gap=f"{gap.abs().mean():.3f}",
+                         price=",".join(f"{p:.2f}" for p in run.price.tolist()), skipped=run.skipped)
         if run.ddp:  # a signal reaches the processes at different moments: all stop after the same iteration
             flag = torch.tensor(STOP["signal"], device=device)
             dist.all_reduce(flag, dist.ReduceOp.MAX)
@@ -474,10 +476,25 @@ def train_policy(run, model, policy, opt, initial):
     STOP["defer"] = False
     if run.skipped:
         print(f"warning: {run.skipped} of {cfg.max_iters} GRPO updates were skipped for non-finite rewards, advantages or losses")
+    sampled = sampled_budget(run) if run.master else None
+    if sampled:
+        a, g = sampled["achieved"], sampled["gap"]
+        print(f"GRPO's sampled schedules, last {sampled['iterations']} iterations: keep {a['keep']:.3f} prune {a['prune']:.3f} "
+              f"bits {a['bits']:.2f}, mean gap to target {g['keep']:+.3f} {g['prune']:+.3f} {g['bits']:+.2f} bits; "
+              f"budget price {' '.join(f'{p:.2f}' for p in sampled['price'])}")
     if run.ddp:  # the last collectives done and DDP's reducer gone before the group: else exit can abort (gloo)
         dist.barrier()
         del trained
         dist.destroy_process_group()
+
+
+def sampled_budget(run):
+    """What GRPO's sampled schedules spent over the last (up to 20) iterations, their mean gap to the target, and the
+    budget's price at the end (grpo.dual_ascent): did the policy learn to spend the budget itself?"""
+    if not run.recent:
+        return None
+    ach, gap = (torch.tensor([r[i] for r in run.recent]).mean(0).tolist() for i in (0, 1))
+    return {"iterations": len(run.recent), "achieved": schedules.axes(ach), "gap": schedules.axes(gap), "price": run.price.tolist()}
 
 
 def final_evaluation(run, model, policy):
@@ -522,7 +539,8 @@ def evaluate_and_report(model, policy, run):
     report = {"dataset": tc.dataset, "seed": tc.seed, "config": run.config,
               "budget_multipliers": {"lower": lower, "upper": upper, "upper_share": share},
               "oracle_multipliers": None if oracle_cal is None else dict(zip(("lower", "upper", "upper_share"), (t.tolist() for t in oracle_cal))),
-              "episodes": {"calibration (val)": len(val), "test": len(eps)}, "results": results, "headroom": room}
+              "episodes": {"calibration (val)": len(val), "test": len(eps)}, "training": sampled_budget(run),
+              "results": results, "headroom": room}
     save_atomic(json.dumps(report, indent=2), run.out_dir / "eval.json")
 
 

@@ -93,9 +93,9 @@ def test_advantages_by_hand_and_by_reference():
                 close(grpo.advantages(G, 2, 4, g), reference_advantages(G.tolist(), 2, 4, level, norm, whiten))
 
 
-def test_budget_penalty_dead_zone_square_alpha():
-    g = grpo.GRPOConfig()  # alpha 100, 100, 200; tolerance 0.02
-    target = torch.full((6, 3), 0.5)
+def test_budget_penalty_price_dead_zone_square_alpha():
+    g = grpo.GRPOConfig(alpha_keep=100, alpha_prune=100, alpha_bits=200)  # the reference's; tolerance 0.02
+    target, zero = torch.full((6, 3), 0.5), torch.zeros(3)
     achieved = torch.tensor([[0.519, 0.5, 0.5],  # inside the dead zone: free
                              [0.521, 0.5, 0.5],  # just outside: 100 * 0.001^2
                              [0.55, 0.5, 0.5],  # keep over by 0.05: 100 * 0.03^2
@@ -103,20 +103,70 @@ def test_budget_penalty_dead_zone_square_alpha():
                              [0.5, 0.5, 0.6],  # bits over by 0.1: 200 * 0.08^2
                              [0.8, 0.8, 0.8]])  # all over by 0.3: (100 + 100 + 200) * 0.28^2
     want = [0.0, 1e-4, 0.09, 0.09, 1.28, 400 * 0.28 ** 2]
-    close(grpo.budget_penalty(achieved, target, [True, True, True], g), want, 1e-4)
+    close(grpo.budget_penalty(achieved, target, zero, [True, True, True], g), want, 1e-4)
     # an axis held dense costs nothing
-    close(grpo.budget_penalty(achieved, target, [True, False, True], g), [0.0, 1e-4, 0.09, 0.0, 1.28, 300 * 0.28 ** 2], 1e-4)
+    close(grpo.budget_penalty(achieved, target, zero, [True, False, True], g), [0.0, 1e-4, 0.09, 0.0, 1.28, 300 * 0.28 ** 2], 1e-4)
+    # the price is linear in the gap, with its sign: under budget earns, over budget pays, no dead zone
+    price = torch.tensor([2.0, 1.0, 4.0])
+    linear = [2 * 0.019, 2 * 0.021, 2 * 0.05, -0.05, 0.4, 0.3 * 7]
+    close(grpo.budget_penalty(achieved, target, price, [True, True, True], g), [w + l for w, l in zip(want, linear)], 1e-4)
+
+
+def test_dual_ascent_steps_by_the_mean_gap_of_enabled_axes():
+    g = grpo.GRPOConfig(dual_lr=2.0)
+    gap = torch.tensor([[0.1, -0.2, 0.3], [0.3, 0.0, 0.1]])  # mean gap 0.2, -0.1, 0.2
+    close(grpo.dual_ascent(torch.tensor([1.0, 1.0, 1.0]), gap, [True, True, False], g), [1.4, 0.8, 1.0])
 
 
 def test_penalized_returns_reward_kl_and_penalty_signs():
-    g = grpo.GRPOConfig(gamma=0.5)
-    target, enabled = torch.full((1, 3), 0.5), [True, True, True]
+    g = grpo.GRPOConfig(gamma=0.5, alpha_keep=100)
+    target, enabled, price = torch.full((1, 3), 0.5), [True, True, True], torch.tensor([3.0, 0.0, 0.0])
     roll = {"logp": torch.tensor([[-1.0, -2.0]]), "achieved": torch.tensor([[0.6, 0.5, 0.5]])}
-    # returns: G_1 = -2, G_0 = -1 + 0.5 * -2 = -2; penalty 100 * (0.1 - 0.02)^2 = 0.64, taken off every step
-    close(grpo.penalized_returns(roll, target, enabled, g), [[-2.64, -2.64]])
+    # returns: G_1 = -2, G_0 = -1 + 0.5 * -2 = -2; penalty 3 * 0.1 + 100 * (0.1 - 0.02)^2 = 0.94, taken off every step
+    close(grpo.penalized_returns(roll, target, price, enabled, g), [[-2.94, -2.94]])
     g.task_w_kl = 0.25  # r_t = 0.75 log p - 0.25 KL
     roll["kl"] = torch.tensor([[0.4, 0.8]])
-    close(grpo.penalized_returns(roll, target, enabled, g), [[-0.85 + 0.5 * -1.7 - 0.64, -1.7 - 0.64]])
+    close(grpo.penalized_returns(roll, target, price, enabled, g), [[-0.85 + 0.5 * -1.7 - 0.94, -1.7 - 0.94]])
+
+
+def bandit(cfg, iters, seed=0):
+    """GRPO's own pieces (penalty, dual ascent, advantages, PPO loss) training a table of logits over two actions,
+    cheap (budget 0.1) and dense (1.0), for T = 8 steps of which steps 1 and 5 gain 1 nat from dense compute and
+    the rest nothing. At a target of 0.1 + 0.25 * 0.9 the known answer is dense exactly at steps 1 and 5.
+    Returns the sampled rollouts' mean achieved budget over the last 50 iterations, the greedy actions, the price."""
+    torch.manual_seed(seed)
+    T, B, K, budget = 8, 4, 8, torch.tensor([[0.1] * 3, [1.0] * 3])
+    gain = torch.zeros(T, 2)
+    gain[[1, 5], 1] = 1.0
+    target = torch.full((B * K, 3), 0.1 + 0.25 * 0.9)
+    logits = torch.zeros(T, 2, requires_grad=True)
+    opt, price, spent = torch.optim.Adam([logits], lr=0.05), torch.zeros(3), []
+    for it in range(iters):
+        with torch.no_grad():
+            a = torch.multinomial(F.softmax(logits, -1).repeat(B * K, 1), 1).view(B * K, T)
+        achieved = budget[a].mean(1)  # (N, 3)
+        G = grpo.penalized_returns({"logp": gain.gather(1, a.T).T, "achieved": achieved}, target, price, [True] * 3, cfg)
+        A = grpo.advantages(G, B, K, cfg)
+        logp_all = F.log_softmax(logits, -1).expand(B * K, T, 2)
+        logp = logp_all.gather(-1, a[..., None])[..., 0]
+        loss = grpo.policy_loss(logp, logp.detach(), A, -(logp_all.exp() * logp_all).sum(-1), cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        price = grpo.dual_ascent(price, achieved - target, [True] * 3, cfg)
+        spent.append(achieved.mean(0))
+    return torch.stack(spent[-50:]).mean(0), logits.argmax(-1).tolist(), price
+
+
+def test_dual_ascent_meets_the_budget_where_compute_pays():
+    spent, greedy, price = bandit(grpo.GRPOConfig(), 400)
+    assert (spent - 0.325).abs().max() < 0.05, spent  # the sampled schedules on budget
+    assert greedy == [0, 1, 0, 0, 0, 1, 0, 0], greedy  # dense where it pays, cheap elsewhere
+    # a dense step costs 3 axes x 0.9 / 8 of budget: any price up to 1 nat / 0.3375 keeps it at steps 1 and 5
+    assert (price > 0).all() and (price < 1 / 0.3375).all(), price
+    # the price's sign flipped (it falls while the batch overspends): the policy buys compute everywhere
+    spent, greedy, _ = bandit(grpo.GRPOConfig(dual_lr=-1.0), 400)
+    assert (spent > 0.5).all(), spent
 
 
 def test_policy_loss_clip_entropy_and_kl_by_hand():
