@@ -159,13 +159,14 @@ def bandit(cfg, iters, seed=0):
 
 
 def test_dual_ascent_meets_the_budget_where_compute_pays():
-    spent, greedy, price = bandit(grpo.GRPOConfig(), 400)
+    dual = dict(alpha_keep=3, alpha_prune=3, alpha_bits=6)  # a small quadratic: the price does the work
+    spent, greedy, price = bandit(grpo.GRPOConfig(dual_lr=1.0, **dual), 400)
     assert (spent - 0.325).abs().max() < 0.05, spent  # the sampled schedules on budget
     assert greedy == [0, 1, 0, 0, 0, 1, 0, 0], greedy  # dense where it pays, cheap elsewhere
     # a dense step costs 3 axes x 0.9 / 8 of budget: any price up to 1 nat / 0.3375 keeps it at steps 1 and 5
     assert (price > 0).all() and (price < 1 / 0.3375).all(), price
     # the price's sign flipped (it falls while the batch overspends): the policy buys compute everywhere
-    spent, greedy, _ = bandit(grpo.GRPOConfig(dual_lr=-1.0), 400)
+    spent, greedy, _ = bandit(grpo.GRPOConfig(dual_lr=-1.0, **dual), 400)
     assert (spent > 0.5).all(), spent
 
 
