@@ -197,7 +197,7 @@ def compile_steps(model, policy, acfg):
 def iteration(model, policy, opt, draw, grid, acfg, cfg, enabled, price, trained=None, initial=None, shard=(0, 1), compiled=None):
     """One GRPO iteration: cfg.grad_accum micro-batches, each drawn by draw() -> (x (B, C+T+1), target (B, 3)),
     rolled out (steps 1-3), scored (4-7: reward, return, budget penalty at the budget's price (3,), advantage),
-    one update (8), and the price's dual-ascent step (9).
+    one update (8), then the budget price's dual-ascent step (part of 6).
     trained: the policy as the backward sees it (DDP's wrapper); initial: a frozen copy for the KL term; compiled:
     compile_steps(model, policy, acfg), to decode the rollouts with.
     Returns the last micro-batch's rollouts, targets and dense log-probs, whether the update was applied, and the next price."""

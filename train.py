@@ -448,8 +448,8 @@ def train_policy(run, model, policy, opt, initial):
     def save(it):
         if run.master:
             save_atomic({"policy": policy.state_dict(), "optimizer": opt.state_dict(), "iter": it, "config": run.config, "skipped": run.skipped,
-                         "price": run.price, "recent": run.recent, "rng": rng_state(run.rng), "command": run.cmd, "initial_policy": None if initial is None else initial.state_dict()},
-                        run.ckpt_path)
+                         "price": run.price, "recent": run.recent, "rng": rng_state(run.rng), "command": run.cmd,
+                         "initial_policy": None if initial is None else initial.state_dict()}, run.ckpt_path)
     run.out_dir.mkdir(parents=True, exist_ok=True)
     pbar = tqdm(range(run.start, cfg.max_iters), desc="grpo", dynamic_ncols=True, initial=run.start, total=cfg.max_iters,
                 disable=not run.master or run.start >= cfg.max_iters)
@@ -463,7 +463,7 @@ def train_policy(run, model, policy, opt, initial):
         run.recent = (run.recent + [[ach.tolist(), gap.mean(0).tolist()]])[-20:]  # the sampled budget, for the end-of-training line
         pbar.set_postfix(reward=f"{roll['logp'].mean():.3f}", dense=f"{dense_logp.mean():.3f}",
                          keep=f"{ach[0]:.2f}", prune=f"{ach[1]:.2f}", bits=f"{ach[2] * 16:.1f}", gap=f"{gap.abs().mean():.3f}",
-                         price=",".join(f"{p:.2f}" for p in run.price.tolist()), skipped=run.skipped)
+                         **({"price": ",".join(f"{p:.2f}" for p in run.price.tolist())} if cfg.dual_lr else {}), skipped=run.skipped)
         if run.ddp:  # a signal reaches the processes at different moments: all stop after the same iteration
             flag = torch.tensor(STOP["signal"], device=device)
             dist.all_reduce(flag, dist.ReduceOp.MAX)
@@ -480,8 +480,8 @@ def train_policy(run, model, policy, opt, initial):
     if sampled:
         a, g = sampled["achieved"], sampled["gap"]
         print(f"GRPO's sampled schedules, last {sampled['iterations']} iterations: keep {a['keep']:.3f} prune {a['prune']:.3f} "
-              f"bits {a['bits']:.2f}, mean gap to target {g['keep']:+.3f} {g['prune']:+.3f} {g['bits']:+.2f} bits; "
-              f"budget price {' '.join(f'{p:.2f}' for p in sampled['price'])}")
+              f"bits {a['bits']:.2f}, mean gap to target {g['keep']:+.3f} {g['prune']:+.3f} {g['bits']:+.2f} bits"
+              + (f"; budget price {' '.join(f'{p:.2f}' for p in sampled['price'])}" if cfg.dual_lr else ""))
     if run.ddp:  # the last collectives done and DDP's reducer gone before the group: else exit can abort (gloo)
         dist.barrier()
         del trained
