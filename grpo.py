@@ -99,8 +99,8 @@ def returns(r, cfg):
 def budget_penalty(achieved, target, price, enabled, cfg):
     """Per rollout (N,): sum over the enabled axes of price * gap + alpha * max(|gap| - tol, 0)^2, gap = achieved - target.
     achieved, target (N, 3); price (3,). Within a group of rollouts the linear term charges spending itself, as a
-    Lagrange multiplier does; the quadratic charges any deviation, so a large alpha punishes rollouts that spend
-    where it pays as much as those that waste it."""
+    Lagrange multiplier does; the quadratic charges any deviation, which also keeps the policy's choices
+    concentrated, so that greedy decoding spends what the samples do (docs/experiments.md, the budget penalty)."""
     on = torch.tensor(enabled, dtype=torch.float32, device=achieved.device)
     alpha = torch.tensor([cfg.alpha_keep, cfg.alpha_prune, cfg.alpha_bits], device=achieved.device)
     gap = achieved - target
@@ -111,6 +111,8 @@ def dual_ascent(price, gap, enabled, cfg):
     """The next price (3,): raised on an axis the batch overspent, lowered on one it underspent, by dual_lr times the
     mean gap (achieved - target, (N, 3)) over every process's rollouts. It may go negative: a policy that underspends
     is paid to spend."""
+    if not cfg.dual_lr:
+        return price
     return price + cfg.dual_lr * gather_rows(gap).mean(0).cpu() * torch.tensor(enabled, dtype=torch.float32)
 
 
