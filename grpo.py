@@ -40,12 +40,13 @@ class GRPOConfig:
     adv_norm: str = "center"  # center | zscore, over the K rollouts of one sequence
     whiten: bool = True  # whiten advantages over the batch
     # budget penalty per rollout and axis: price * (achieved - target) + alpha * max(|achieved - target| - tol, 0)^2.
-    # With dual_lr > 0 the price is learned by dual ascent (price += dual_lr * the batch's mean gap, each iteration);
-    # at 0 it stays 0 and the penalty is the reference's fixed quadratic.
-    dual_lr: float = 0.0
-    alpha_keep: float = 100.0
-    alpha_prune: float = 100.0
-    alpha_bits: float = 200.0
+    # The price is learned by dual ascent (price += dual_lr * the batch's mean gap, each iteration), so it settles where
+    # the policy spends the target; the quadratic keeps the policy's choices concentrated. The reference's fixed
+    # penalty: --dual_lr=0 --alpha_keep=100 --alpha_prune=100 --alpha_bits=200.
+    dual_lr: float = 1.0
+    alpha_keep: float = 30.0
+    alpha_prune: float = 30.0
+    alpha_bits: float = 60.0
     budget_tol: float = 0.02
     # update
     clip_eps: float = 0.2
