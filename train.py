@@ -476,12 +476,8 @@ def train_policy(run, model, policy, opt, initial):
     STOP["defer"] = False
     if run.skipped:
         print(f"warning: {run.skipped} of {cfg.max_iters} GRPO updates were skipped for non-finite rewards, advantages or losses")
-    sampled = sampled_budget(run) if run.master else None
-    if sampled:
-        a, g = sampled["achieved"], sampled["gap"]
-        print(f"GRPO's sampled schedules, last {sampled['iterations']} iterations: keep {a['keep']:.3f} prune {a['prune']:.3f} "
-              f"bits {a['bits']:.2f}, mean gap to target {g['keep']:+.3f} {g['prune']:+.3f} {g['bits']:+.2f} bits"
-              + (f"; budget price {' '.join(f'{p:.2f}' for p in sampled['price'])}" if cfg.dual_lr else ""))
+    if run.master:
+        say_sampled_budget(run)
     if run.ddp:  # the last collectives done and DDP's reducer gone before the group: else exit can abort (gloo)
         dist.barrier()
         del trained
@@ -495,6 +491,15 @@ def sampled_budget(run):
         return None
     ach, gap = (torch.tensor([r[i] for r in run.recent]).mean(0).tolist() for i in (0, 1))
     return {"iterations": len(run.recent), "achieved": schedules.axes(ach), "gap": schedules.axes(gap), "price": run.price.tolist()}
+
+
+def say_sampled_budget(run):
+    sampled = sampled_budget(run)
+    if sampled:
+        a, g = sampled["achieved"], sampled["gap"]
+        print(f"GRPO's sampled schedules, last {sampled['iterations']} iterations: keep {a['keep']:.3f} prune {a['prune']:.3f} "
+              f"bits {a['bits']:.2f}, mean gap to target {g['keep']:+.3f} {g['prune']:+.3f} {g['bits']:+.2f} bits"
+              + (f"; budget price {' '.join(f'{p:.2f}' for p in sampled['price'])}" if run.grpo_cfg.dual_lr else ""))
 
 
 def final_evaluation(run, model, policy):
