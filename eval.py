@@ -39,6 +39,7 @@ import schedules
 import sol
 from cli import UsageError, load_checkpoint, parse_args
 from data import episodes, load_dataset
+from data.synth.prepare import RECALL
 from schedules import axes, calibrate
 from sol import prefill, score_episodes
 
@@ -503,9 +504,9 @@ def where_compute_went(run, ec, b, actions, test, enc):
     shade([enc.decode([t]).replace("\n", " / ") + ("\n" if k % T == T - 1 else "") for k, t in enumerate(toks.flatten().tolist())],
           compute[:6].flatten().tolist(), run.out_dir / "allocation.html")
     allocation = None
-    if (run.data_dir / "test_recall.bin").exists():  # the default corpus knows which tokens need far context
-        recall = np.memmap(run.data_dir / "test_recall.bin", dtype=np.uint8, mode="r")  # one flag per test token
-        far = episodes(recall, ec.eval_episodes, C + T + 1)[:, C + 1:].bool()  # (E, T), aligned with the test episodes
+    if (run.data_dir / "test_skill.bin").exists():  # the default corpus knows which tokens need far context
+        skill = np.memmap(run.data_dir / "test_skill.bin", dtype=np.uint8, mode="r")  # one flag per test token
+        far = episodes(skill, ec.eval_episodes, C + T + 1)[:, C + 1:] == RECALL  # (E, T), aligned with the test episodes
         keep = grid.values[actions][..., 0]
         dense_attn = keep == 1.0
         allocation = {"dense_attention_share": {"far_context": dense_attn[far].float().mean().item(), "other": dense_attn[~far].float().mean().item()},

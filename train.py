@@ -47,6 +47,7 @@ import schedules
 import sol
 from cli import UsageError, check_memory, episode_bytes, load_checkpoint, n_params, parse_args, pretrain_bytes, save_atomic
 from data import episodes, load_dataset, random_windows
+from data.synth.prepare import skills as synth_skills
 from sol import ActionConfig, GPTConfig, PolicyConfig
 
 
@@ -383,9 +384,33 @@ def base_gpt(run):
         print(f"base GPT: saved to {run.base_path} after {time.time() - t0:.0f} s")
     partial.unlink(missing_ok=True)
     model.eval().requires_grad_(False).to(getattr(torch, tc.dtype))
+    run.skills = None if init else report_skills(model, run)
     if run.ddp and run.master:
         dist.barrier()
     return model
+
+
+def report_skills(model, run):
+    """On the built-in corpus: the base GPT's validation loss on recall answers and on copies, beside the loss of a
+    model without the skill (data/synth/prepare.py), and a notice for a skill that did not form."""
+    flags = run.data_dir / "val_skill.bin"
+    if not flags.exists():
+        return None
+    T = model.cfg.block_size
+    x = episodes(run.splits["val"], 64, T + 1).to(run.device)
+    f = episodes(np.memmap(flags, dtype=np.uint8, mode="r"), 64, T + 1)[:, 1:]  # the flag of each predicted token
+    with torch.no_grad():
+        logits, _ = model(x[:, :-1])
+    nll = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(f.shape).cpu()
+    skills = synth_skills(nll, f, run.meta["chance"]["val"])
+    print("base GPT skills, val loss (without the skill): " + ", ".join(
+        f"{name} {s['loss']:.3f} ({s['chance']:.3f}){'' if s['formed'] else ' NOT FORMED'}" for name, s in skills.items()))
+    missing = [name for name, s in skills.items() if not s["formed"]]
+    if missing:
+        print(f"notice: the base GPT has not learned to {' or '.join(missing)}: its dense perplexity is higher, and what a schedule "
+              "can win differs from a base that has, so these figures are not comparable with the README's; "
+              "another --seed or more --pretrain_iters gives another base")
+    return skills
 
 
 def new_policy(run, model):
@@ -545,7 +570,7 @@ def evaluate_and_report(model, policy, run):
               "budget_multipliers": {"lower": lower, "upper": upper, "upper_share": share},
               "oracle_multipliers": None if oracle_cal is None else dict(zip(("lower", "upper", "upper_share"), (t.tolist() for t in oracle_cal))),
               "episodes": {"calibration (val)": len(val), "test": len(eps)}, "training": sampled_budget(run),
-              "results": results, "headroom": room}
+              "base_skills": run.skills, "results": results, "headroom": room}
     save_atomic(json.dumps(report, indent=2), run.out_dir / "eval.json")
 
 

@@ -22,9 +22,10 @@ def load_dataset(name, checkpoint=None):
         raise UsageError(f"--init_from needs a text dataset (--dataset=path/to/file.txt) to tokenize with the checkpoint's "
                          f"tokenizer; {name} comes tokenized for the small model")
     if name == "synth":
-        from data.synth.prepare import prepare
+        from data.synth.prepare import VERSION, prepare
         data_dir = ROOT / "data" / "synth"
-        if not (data_dir / "meta.json").exists():
+        meta = data_dir / "meta.json"
+        if not meta.exists() or json.loads(meta.read_text()).get("version") != VERSION:  # missing, or made by older code
             print("preparing the synthetic corpus (once) ...")
             prepare(data_dir)
     elif name == "shakespeare":

@@ -152,6 +152,30 @@ def test_training_targets_below_the_grid_are_clamped_with_a_notice(capsys):
 # memory bombs: refused before allocating, under a guard (a bare failure could freeze the machine)
 
 
+# 4 GB of address space at most, and the peak resident memory of the command measured
+WATCH = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(p.returncode)")
+
+
+def guarded(*args):
+    """The command under a 4 GB address-space limit: (exit code, stderr lines, the command's peak resident KiB)."""
+    cmd = f"ulimit -v 4000000; exec {sys.executable} -c '{WATCH}' " + " ".join(map(str, args))
+    p = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    *said, peak_kib = p.stderr.strip().splitlines()
+    return p.returncode, said, int(peak_kib)
+
+
+@pytest.fixture(scope="module")
+def idle_kib():
+    """What the interpreter takes with a script's imports (torch above all) and nothing allocated, on this machine
+    and build: a CUDA build of torch alone takes more than a CPU one, so no fixed figure holds everywhere."""
+    def peak(script_name):
+        code, said, kib = guarded(sys.executable, "-c", f"'import {script_name[:-3]}'")
+        assert code == 0, said
+        return kib
+    return {name: peak(name) for name in ("train.py", "eval.py")}
+
+
 @pytest.mark.parametrize("script_name, args, needle", [
     ("train.py", ["--batch_size=100000000"], "GRPO with --batch_size=100000000 and --rollouts=16 needs about"),
     ("train.py", ["--rollouts=1000000"], "GRPO with --batch_size=8 and --rollouts=1000000 needs about"),
@@ -160,17 +184,13 @@ def test_training_targets_below_the_grid_are_clamped_with_a_notice(capsys):
     ("eval.py", ["--eval_episodes=1000000000"], "--eval_episodes=1000000000 and --val_episodes=128 needs about"),
     ("eval.py", ["--bootstrap=1000000000"], "the bootstrap with --bootstrap=1000000000"),
 ])
-def test_memory_bombs_are_refused_before_allocating(finished, tmp_path, script_name, args, needle):
+def test_memory_bombs_are_refused_before_allocating(finished, idle_kib, tmp_path, script_name, args, needle):
     out = ["--out_dir", str(finished if script_name == "eval.py" else tmp_path / "out")]
-    # 4 GB of address space at most, and the peak resident memory of the script itself measured
-    watch = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(p.returncode)")
-    cmd = f"ulimit -v 4000000; exec {sys.executable} -c '{watch}' {sys.executable} {ROOT / script_name} " + " ".join([*out, *args])
-    p = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    *said, peak_kib = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(said) == 1 and said[0].startswith("error: ") and needle in said[0], p.stderr[-2000:]
+    code, said, peak_kib = guarded(sys.executable, ROOT / script_name, *out, *args)
+    assert code == 2 and len(said) == 1 and said[0].startswith("error: ") and needle in said[0], said
     assert "GiB of memory, more than the" in said[0]
-    assert int(peak_kib) < 800 * 1024, peak_kib  # the interpreter and torch: the batch itself was never allocated
+    # beyond the imports, only flags, memory-mapped tokens and a tiny checkpoint: the batch itself was never allocated
+    assert peak_kib < idle_kib[script_name] + 200 * 1024, (peak_kib, idle_kib[script_name])
     assert not (tmp_path / "out").exists()
 
 

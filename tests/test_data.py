@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from data.synth.prepare import PIECES, load_tokenizer as load_synth, prepare  # noqa: E402
+from data.synth.prepare import CATEGORIES, COPY, NOISE, PIECES, RECALL, load_tokenizer as load_synth, prepare, skills  # noqa: E402
 from data.text import load_tokenizer, prepare_text  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -27,9 +28,9 @@ def files(d):
 
 
 def scenes(d, split):
-    """(ids, recall flags) per scene of a split; scenes end with the newline token."""
+    """(ids, skill flags) per scene of a split; scenes end with the newline token."""
     ids = np.fromfile(d / f"{split}.bin", dtype=np.uint16)
-    flags = np.fromfile(d / f"{split}_recall.bin", dtype=np.uint8)
+    flags = np.fromfile(d / f"{split}_skill.bin", dtype=np.uint8)
     assert len(ids) == len(flags)
     ends = np.flatnonzero(ids == load_synth(d).encode_single_token("\n")) + 1
     assert ends[-1] == len(ids)
@@ -72,23 +73,48 @@ def test_synth_tokenizer(synth):
 def test_synth_scenes_and_recall(synth):
     out, _ = synth
     enc = load_synth(out)
-    n_answers = n_tokens = 0
+    n_answers = n_copies = n_tokens = 0
     for ids, flags in scenes(out, "train"):
         assert len(ids) < 120
         words = [enc.decode([t]).strip() for t in ids]
         assert words[0] == "facts"
         head = words[:words.index("ask")]  # the fact list comes before the first question
         facts = {head[i - 1]: (head[i], i) for i in range(3, len(head)) if head[i + 1:i + 2] == ["."] and head[i - 2] in (":", ".")}
-        for i in np.flatnonzero(flags):
+        for i in np.flatnonzero(flags == RECALL):
             assert words[i - 2] == "ask"
             value, at = facts[words[i - 1]]  # the asked name was stated in this scene's facts
             assert words[i] == value and i - at > 8
             assert value not in words[i - 8:i]  # not answerable from local context
         asks = [i + 2 for i in range(len(words)) if words[i] == "ask"]
-        assert asks == list(np.flatnonzero(flags))
+        assert asks == list(np.flatnonzero(flags == RECALL))
+        copies = []  # "say w1 .. wk again w1 .. wk .": the second w1 .. wk
+        for i in (i for i, w in enumerate(words) if w == "again"):
+            said = words[words[:i].index("say", max(0, i - 8)) + 1:i]
+            assert words[i + 1:i + 1 + len(said)] == said and words[i + 1 + len(said)] == "."
+            copies += range(i + 1, i + 1 + len(said))
+        assert copies == list(np.flatnonzero(flags == COPY)) and set(flags) <= {0, RECALL, COPY}
         n_answers += len(asks)
+        n_copies += len(copies)
         n_tokens += len(ids)
     assert 1 / 10 < n_answers / n_tokens < 1 / 6
+    assert 1 / 25 < n_copies / n_tokens < 1 / 8
+
+
+def test_synth_chance_and_skills(synth):
+    out, meta = synth
+    # a recall answer guessed among its category's values, by hand from the scenes; a copy among the noise words
+    enc, logs = load_synth(out), []
+    values = {c: len(v) for c, v in CATEGORIES.items()}
+    for ids, flags in scenes(out, "val"):
+        logs += [np.log(values[enc.decode([ids[i - 1]]).strip()]) for i in np.flatnonzero(flags == RECALL)]
+    assert meta["chance"]["val"]["recall"] == pytest.approx(np.mean(logs))
+    assert meta["chance"]["val"]["copy"] == pytest.approx(np.log(len(NOISE))) == pytest.approx(2.7726, abs=1e-4)
+    # skills(): the mean over each skill's tokens, formed at half of chance or below
+    nll = np.array([[0.1, 2.0, 0.3, 9.0], [1.0, 1.5, 0.5, 9.0]])
+    flags = np.array([[RECALL, COPY, RECALL, 0], [RECALL, COPY, 0, 0]])
+    got = skills(torch.tensor(nll), torch.tensor(flags), {"recall": 2.0, "copy": 2.8})
+    assert got["recall"]["loss"] == pytest.approx((0.1 + 0.3 + 1.0) / 3) and got["recall"]["formed"]
+    assert got["copy"]["loss"] == pytest.approx(1.75) and not got["copy"]["formed"]  # 1.75 > 2.8 / 2
 
 
 @pytest.fixture

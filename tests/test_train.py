@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import grpo  # noqa: E402
 import train  # noqa: E402
+from data.text import gpt2_encoding  # noqa: E402
 
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--mlp_hidden=64", "--block_size=64", "--width=16",
         "--context_len=40", "--rollout_len=4", "--pretrain_iters=10", "--pretrain_batch=4", "--max_iters=3",
@@ -53,6 +54,11 @@ def test_tiny_run_writes_valid_eval_json(tiny_run):
     for axis in ("keep", "prune", "bits"):  # static is matched to what SOL achieved
         assert abs(rows["static"]["achieved"][axis] - rows["sol"]["achieved"][axis]) <= 0.02 * (16 if axis == "bits" else 1) + 1e-6
     assert "policy/LM FLOPs per decode step" in p.stdout and "seed 1337" in p.stdout
+    # 10 pretraining iterations learn neither skill: each loss is above half its chance level, and the run says so
+    skills = report["base_skills"]
+    assert all(s["loss"] > s["chance"] / 2 and not s["formed"] for s in skills.values()) and set(skills) == {"recall", "copy"}
+    assert "recall" in p.stdout and f"copy {skills['copy']['loss']:.3f} (2.773) NOT FORMED" in p.stdout
+    assert "notice: the base GPT has not learned to recall or copy" in p.stdout
     state = torch.load(out / "ckpt.pt", weights_only=True)
     assert state["iter"] == 3 and set(state["config"]) >= {"train", "grpo", "gpt", "action", "policy"}
 
@@ -79,7 +85,7 @@ def test_parse_args_forms():
     assert (g.rollouts, g.gamma, t.resume, g.keep_range, g.target_bits) == (4, 0.5, True, (0.2, 0.9), None)
 
 
-def bad_cases(tmp):
+def bad_cases(tmp, bpe):
     empty, short, binary = tmp / "empty.txt", tmp / "short.txt", tmp / "binary.txt"
     empty.write_text("")
     short.write_text("to be or not to be " * 5)
@@ -99,7 +105,7 @@ def bad_cases(tmp):
         ([f"--dataset={tmp / 'missing.txt'}"], "does not exist"),
         ([f"--dataset={empty}"], "empty"),
         ([f"--dataset={binary}"], "UTF-8"),
-        ([f"--dataset={short}"], "fewer than one episode" if SHARED.exists() else "GPT-2 BPE"),  # offline without the BPE: says so
+        ([f"--dataset={short}"], "fewer than one episode" if bpe else "GPT-2 BPE"),  # without the BPE: says so
         (["--context_len=300"], "block_size"),
         (["--keep=0.1,0.5"], "dense action"),
         (["--criterion=random"], "criterion"),
@@ -108,12 +114,21 @@ def bad_cases(tmp):
     ]
 
 
+def bpe_loads():
+    """Whether GPT-2's BPE loads here as train.py would load it (cached, in ../shared, or fetched when online)."""
+    try:
+        gpt2_encoding()
+        return True
+    except ValueError:
+        return False
+
+
 def test_bad_inputs_one_clear_line(tmp_path, in_process, monkeypatch):
     # the first case a real `python train.py`, so an interpreter's start-up (imports, warnings) is held to the one line
     # too; the rest train.py's command line in this process (tests/conftest.py)
     if SHARED.exists():
         monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
-    for i, (args, needle) in enumerate(bad_cases(tmp_path)):
+    for i, (args, needle) in enumerate(bad_cases(tmp_path, bpe_loads())):
         args = [*TINY, *([] if any(a.startswith("--out_dir") for a in args) else [f"--out_dir={tmp_path / 'out'}"]), *args]
         if i == 0:
             p = run(*args)

@@ -8,14 +8,17 @@ Built-in synthetic corpus: short "scenes" whose tokens differ in how much contex
 - the word after `pick` is uniformly random (irreducible: compute can't help);
 - a repeated phrase (`say ... again ...`) is predictable by copying from a few tokens back;
 - the answer after `ask <category>` is only predictable by looking back at the fact list (far
-  context). These answer tokens are flagged in the *_recall.bin files.
+  context).
+The *_skill.bin files flag every token by the skill that predicts it: RECALL for the answers, COPY for the
+repeats, 0 for the rest; a base GPT that has not learned both is a weaker base (train.py reports them).
 Every word (with its leading space) is one token of a tiny byte-level BPE trained right here,
 saved in tiktoken's file format, so nothing is downloaded.
 
-    python data/synth/prepare.py    # writes train/val/test .bin, *_recall.bin, meta.json
+    python data/synth/prepare.py    # writes train/val/test .bin, *_skill.bin, meta.json
 """
 import base64
 import json
+import math
 import os
 import random
 import time
@@ -46,18 +49,21 @@ WORDS = sorted(set(list(CATEGORIES) + sum(CATEGORIES.values(), []) + NOISE + NUM
 PIECES = ["facts", "\n"] + [" " + w for w in WORDS]  # a scene starts a line: "facts" has no space
 PAT_STR = r""" ?[^\s]+|\s+"""
 MAX_SCENE = 120  # tokens; a scene must fit in a 128-token context
+RECALL, COPY = 1, 2  # the skill flags of the *_skill.bin files
+VERSION = 2  # of the corpus, in meta.json: a folder prepared by another version is prepared again
 
 
 def scene(rng):
-    """One scene as a list of words (newline last) and the indices of its recall answers."""
+    """One scene as a list of words (newline last), the indices of its recall answers and of its copies."""
     cats = rng.sample(sorted(CATEGORIES), rng.randint(4, 6))
     facts = [(c, rng.choice(CATEGORIES[c])) for c in cats]
     head = ["facts", ":"] + [w for name, value in facts for w in (name, value, ".")]
     recalls = [f for f in facts for _ in range(rng.randint(2, 3))]  # each fact 2-3 times
     items = [["ask", cat, value, "."] for cat, value in recalls]  # the answer follows the category, as in the facts
     length, target = len(head) + 4 * len(items) + 1, rng.randint(80, 110)
+    fresh = rng.sample(NOISE, len(NOISE))  # words not yet said in this scene
     while length < target or len(items) < len(recalls) + 2:
-        kind = min(rng.randrange(6), 4)  # repeats twice as often: they teach the copying that recall needs
+        kind = min(rng.randrange(8), 4)  # repeats four times as often: they teach the copying that recall needs
         if kind == 0:
             k = rng.randint(4, 7)
             a = rng.randrange(len(NUMBERS) - k + 1)
@@ -69,7 +75,11 @@ def scene(rng):
         elif kind == 3:
             item = ["pick", rng.choice(NOISE), "."]
         else:  # a random phrase said twice: the repeat is predictable by copying from a few tokens back
-            said = rng.sample(NOISE, rng.randint(3, 6))
+            k = rng.randint(3, 6)
+            if len(fresh) < k:
+                fresh = rng.sample(NOISE, len(NOISE))
+            # words new to the scene, so that the word after each one's last use is the one to copy
+            said, fresh = fresh[:k], fresh[k:]
             item = ["say"] + said + ["again"] + said + ["."]
         if length + len(item) >= MAX_SCENE:
             break
@@ -80,17 +90,18 @@ def scene(rng):
         words = head + sum(items, []) + ["\n"]
         answers = [i for i in range(2, len(words)) if words[i - 2] == "ask"]
         if all(words[i] not in words[i - 8:i] for i in answers):
-            return words, answers
+            again = [i for i, w in enumerate(words) if w == "again"]
+            return words, answers, [j for i in again for j in range(i + 1, words.index(".", i))]
 
 
 def generate(n_tokens, seed, enc):
-    """Whole scenes until at least n_tokens: token ids (uint16) and recall flags (uint8)."""
+    """Whole scenes until at least n_tokens: token ids (uint16) and skill flags (uint8: RECALL, COPY or 0)."""
     rng, scenes, flags, total = random.Random(seed), [], [], 0
     while total < n_tokens:
-        words, answers = scene(rng)
+        words, answers, copies = scene(rng)
         scenes.append("".join(w if i == 0 or w == "\n" else " " + w for i, w in enumerate(words)))
         f = np.zeros(len(words), dtype=np.uint8)
-        f[answers] = 1
+        f[answers], f[copies] = RECALL, COPY
         flags.append(f)
         total += len(words)
     ids = np.concatenate([np.array(t, dtype=np.uint16) for t in enc.encode_ordinary_batch(scenes)])
@@ -104,7 +115,7 @@ def multiple_choice(n, seed):
     first `ask`, the right value and three others of the same category as choices."""
     rng, out = random.Random(seed), []
     while len(out) < n:
-        words, answers = scene(rng)
+        words, answers, _ = scene(rng)
         firsts = [i for i in answers if words[i - 1] not in [words[j - 1] for j in answers if j < i]]
         i = rng.choice(firsts)
         cat, value = words[i - 1], words[i]
@@ -159,8 +170,26 @@ def write(path, data):
     os.replace(tmp, path)
 
 
+def chance(ids, flags, enc):
+    """The loss of a model without the skill, in nats per token: a recall answer guessed among its category's values
+    (the category is the token before it), a copy among the noise words."""
+    values = {enc.encode_single_token(" " + c): len(v) for c, v in CATEGORIES.items()}
+    recall = np.log([values[t] for t in ids[np.flatnonzero(flags == RECALL) - 1]]).mean()
+    return {"recall": float(recall), "copy": math.log(len(NOISE))}
+
+
+def skills(nll, flags, chance):
+    """Per skill, the mean loss (nats) of the tokens it predicts, its chance level, and whether it formed: the loss at
+    most half of chance. nll and flags: per predicted token, of the same shape."""
+    out = {}
+    for name, flag in (("recall", RECALL), ("copy", COPY)):
+        loss = nll[flags == flag].mean().item()
+        out[name] = {"loss": loss, "chance": chance[name], "formed": loss <= chance[name] / 2}
+    return out
+
+
 def prepare(out_dir=Path(__file__).parent, seed=1337, n_train=2_000_000, n_val=100_000, n_test=100_000):
-    """Write the tokenizer, the three splits and their recall flags, then meta.json (last)."""
+    """Write the tokenizer, the three splits and their skill flags, then meta.json (last)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks = train_bpe(Counter(PIECES))
@@ -168,15 +197,16 @@ def prepare(out_dir=Path(__file__).parent, seed=1337, n_train=2_000_000, n_val=1
     assert all(len(enc.encode_ordinary(p)) == 1 for p in PIECES)
     write(out_dir / "synth.tiktoken", "".join(
         f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()).encode())
-    sizes, recall = {}, {}
+    sizes, recall, copy, chances = {}, {}, {}, {}
     for i, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
         ids, flags = generate(n, seed + i, enc)  # a different stream per split
         write(out_dir / f"{split}.bin", ids.tobytes())
-        write(out_dir / f"{split}_recall.bin", flags.tobytes())
-        sizes[split], recall[split] = len(ids), float(flags.mean())
+        write(out_dir / f"{split}_skill.bin", flags.tobytes())
+        sizes[split], recall[split], copy[split] = len(ids), float((flags == RECALL).mean()), float((flags == COPY).mean())
+        chances[split] = chance(ids, flags, enc)
     meta = {"vocab_size": (enc.n_vocab + 63) // 64 * 64, "n_vocab": enc.n_vocab,
             "tokenizer": "synth", "pat_str": PAT_STR, "n_tokens": sizes,
-            "recall_frac": recall, "seed": seed}
+            "recall_frac": recall, "copy_frac": copy, "chance": chances, "seed": seed, "version": VERSION}
     write(out_dir / "meta.json", json.dumps(meta, indent=1).encode())
     return meta
 
@@ -186,5 +216,5 @@ if __name__ == "__main__":
     meta = prepare()
     print(f"wrote {Path(__file__).parent} in {time.time() - t0:.1f}s")
     for split, n in meta["n_tokens"].items():
-        print(f"{split}: {n:,} tokens, {meta['recall_frac'][split]:.1%} recall answers")
+        print(f"{split}: {n:,} tokens, {meta['recall_frac'][split]:.1%} recall answers, {meta['copy_frac'][split]:.1%} copies")
     print(f"vocab: {meta['n_vocab']} tokens, padded to {meta['vocab_size']}")
