@@ -76,7 +76,7 @@ def scene(rng):
         elif kind == 3:
             item = ["pick", rng.choice(PICKS), "."]
         else:  # a random phrase said twice: the repeat is predictable by copying from a few tokens back
-            k = rng.randint(3, 6)
+            k = rng.randint(4, 8)
             if len(fresh) < k:
                 fresh = rng.sample(NOISE, len(NOISE))
             # words new to the scene, so that the word after each one's last use is the one to copy
