@@ -10,7 +10,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from data.synth.prepare import CATEGORIES, COPY, NOISE, PICKS, PIECES, RECALL, load_tokenizer as load_synth, prepare, skills  # noqa: E402
+from data.synth.prepare import CATEGORIES, COPY, NOISE, PIECES, RECALL, load_tokenizer as load_synth, prepare, skills  # noqa: E402
 from data.text import load_tokenizer, prepare_text  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -89,16 +89,15 @@ def test_synth_scenes_and_recall(synth):
         assert asks == list(np.flatnonzero(flags == RECALL))
         copies = []  # "say w1 .. wk again w1 .. wk .": the second w1 .. wk
         for i in (i for i, w in enumerate(words) if w == "again"):
-            said = words[words[:i].index("say", max(0, i - 9)) + 1:i]
+            said = words[words[:i].index("say", max(0, i - 7)) + 1:i]
             assert words[i + 1:i + 1 + len(said)] == said and words[i + 1 + len(said)] == "." and set(said) <= set(NOISE)
             copies += range(i + 1, i + 1 + len(said))
         assert copies == list(np.flatnonzero(flags == COPY)) and set(flags) <= {0, RECALL, COPY}
-        assert all(words[i + 1] in PICKS for i, w in enumerate(words) if w == "pick")  # never a word that is copied
         n_answers += len(asks)
         n_copies += len(copies)
         n_tokens += len(ids)
     assert 1 / 10 < n_answers / n_tokens < 1 / 6
-    assert 1 / 16 < n_copies / n_tokens < 1 / 8
+    assert 1 / 25 < n_copies / n_tokens < 1 / 10
 
 
 def test_synth_chance_and_skills(synth):

@@ -2,7 +2,7 @@
 Built-in synthetic corpus: short "scenes" whose tokens differ in how much context they need.
 
     facts : color blue . name zorb . food rice . tree oak .
-    count five six seven eight . ask name zorb . pick fog . say owl cat yak again owl cat yak . ...
+    count five six seven eight . ask name zorb . pick fox . say owl cat yak again owl cat yak . ...
 
 - count runs, fixed phrases and `beat` patterns are predictable from the last few tokens;
 - the word after `pick` is uniformly random (irreducible: compute can't help);
@@ -37,8 +37,7 @@ CATEGORIES = {  # a scene states one value per category; asking a category recal
     "tree": "oak elm ash pine fir yew".split(),
     "place": "hill lake cave farm town shore".split(),
 }
-NOISE = "fox owl cat dog elk bat ant bee yak cow hen pig rat eel ram emu".split()  # said, then repeated
-PICKS = "mud fog dew ice sky sea".split()  # picked at random: other words, so a repeat has one source to copy
+NOISE = "fox owl cat dog elk bat ant bee yak cow hen pig rat eel ram emu".split()
 NUMBERS = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
            "fifteen sixteen seventeen eighteen nineteen twenty").split()
 BEATS = "ta ka do re mi la".split()
@@ -46,7 +45,7 @@ PHRASES = [p.split() for p in ("the sun rises in the east", "we go up and then w
            "all good things come to an end", "slow and steady wins the race",
            "look before you leap", "time and tide wait for no man")]
 KEYWORDS = "facts : . ask count pick beat say again".split()
-WORDS = sorted(set(list(CATEGORIES) + sum(CATEGORIES.values(), []) + NOISE + PICKS + NUMBERS + BEATS + KEYWORDS + sum(PHRASES, [])))
+WORDS = sorted(set(list(CATEGORIES) + sum(CATEGORIES.values(), []) + NOISE + NUMBERS + BEATS + KEYWORDS + sum(PHRASES, [])))
 PIECES = ["facts", "\n"] + [" " + w for w in WORDS]  # a scene starts a line: "facts" has no space
 PAT_STR = r""" ?[^\s]+|\s+"""
 MAX_SCENE = 120  # tokens; a scene must fit in a 128-token context
@@ -62,9 +61,8 @@ def scene(rng):
     recalls = [f for f in facts for _ in range(rng.randint(2, 3))]  # each fact 2-3 times
     items = [["ask", cat, value, "."] for cat, value in recalls]  # the answer follows the category, as in the facts
     length, target = len(head) + 4 * len(items) + 1, rng.randint(80, 110)
-    fresh = rng.sample(NOISE, len(NOISE))  # words not yet said in this scene
     while length < target or len(items) < len(recalls) + 2:
-        kind = min(rng.randrange(8), 4)  # repeats four times as often: they teach the copying that recall needs
+        kind = min(rng.randrange(6), 4)  # repeats twice as often: they teach the copying that recall needs
         if kind == 0:
             k = rng.randint(4, 7)
             a = rng.randrange(len(NUMBERS) - k + 1)
@@ -74,13 +72,9 @@ def scene(rng):
         elif kind == 2:
             item = ["beat"] + rng.sample(BEATS, 2) * rng.randint(2, 3) + ["."]
         elif kind == 3:
-            item = ["pick", rng.choice(PICKS), "."]
+            item = ["pick", rng.choice(NOISE), "."]
         else:  # a random phrase said twice: the repeat is predictable by copying from a few tokens back
-            k = rng.randint(4, 8)
-            if len(fresh) < k:
-                fresh = rng.sample(NOISE, len(NOISE))
-            # words new to the scene, so that the word after each one's last use is the one to copy
-            said, fresh = fresh[:k], fresh[k:]
+            said = rng.sample(NOISE, rng.randint(3, 6))
             item = ["say"] + said + ["again"] + said + ["."]
         if length + len(item) >= MAX_SCENE:
             break
