@@ -64,7 +64,7 @@ class TrainConfig:
     overwrite: bool = False  # start over even if out_dir holds a run
     pretrain_iters: int = 1600  # base GPT pretraining, done once per dataset and model config
     pretrain_batch: int = 16
-    pretrain_lr: float = 1e-2  # high enough that the recall skill forms early in every seed (docs/experiments.md)
+    pretrain_lr: float = 1e-2  # the rate at which recall formed earliest (docs/experiments.md)
     eval_episodes: int = 256  # held-out episodes of the final evaluation
     eval_batch: int = 128
     oracle: bool = True  # the oracle's row: every grid action probed at every step, about A times a dense decode
