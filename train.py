@@ -408,7 +408,7 @@ def report_skills(model, run):
     missing = [name for name, s in skills.items() if not s["formed"]]
     if missing:
         print(f"notice: the base GPT has not learned to {' or '.join(missing)}: its dense perplexity is higher, and what a schedule "
-              "can win differs from a base that has, so these figures are not comparable with the README's; "
+              "can win differs from a base that has: compare figures only between runs whose bases have the same skills; "
               "another --seed or more --pretrain_iters gives another base")
     return skills
 
