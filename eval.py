@@ -8,16 +8,16 @@ Evaluate a trained SOL policy against every baseline at the same achieved budget
     python eval.py --out_dir out --init_from path/to/model.gguf    # a run trained on a checkpoint that has moved
 
 Methods, all on the same frozen GPT, test episodes and controllable steps:
-  sol        the policy, greedy, its budget calibrated on the validation split (20 to 60 decodes of it)
+  sol        the policy, greedy, its budget held on target by a controller as it decodes (schedules.budget_controller)
   dense      every step dense: the upper bound
   static     the same setting every step, two neighbouring grid values mixed to SOL's achieved budget
   random     per sequence, a random order of the same per-axis values as static
   search     N random schedules at the budget, the best on validation, reported on test
   heuristic  an axis dense after a step whose prediction was uncertain (high entropy), cheapest otherwise, its
-             entropy thresholds fitted as SOL's multipliers are, to spend what SOL spent on the test episodes
+             entropy thresholds held by a controller as SOL's multipliers are, to spend what SOL spent
   oracle     a bound, not a method: every step tries every action and takes the one that moves the next-token
-             distribution least from the dense one, at a price per unit of budget fitted on validation.
-             It costs up to 5 x A dense decodes (A = grid actions: 80 by default); --oracle=false skips it
+             distribution least from the dense one, at a price per unit of budget held by a controller.
+             It costs A dense decodes (A = grid actions: 80 by default); --oracle=false skips it
 """
 import contextlib
 import io
@@ -40,7 +40,7 @@ import sol
 from cli import UsageError, load_checkpoint, parse_args
 from data import episodes, load_dataset
 from data.synth.prepare import RECALL
-from schedules import axes, calibrate
+from schedules import axes
 from sol import prefill, score_episodes
 
 
@@ -53,7 +53,7 @@ class EvalConfig:
     dtype: str = "float32"  # of the frozen GPT: float32 | bfloat16 | float16
     seed: int = 1337
     eval_episodes: int = 256  # test episodes per method
-    val_episodes: int = 128  # validation episodes (budget calibration, search)
+    val_episodes: int = 128  # validation episodes (the search's choice)
     eval_batch: int = 128
     search_schedules: int = 128  # random schedule search: candidates tried on validation
     oracle: bool = True  # the oracle's row: every grid action probed at every step, A times a dense decode, 3 to 5 decodes
@@ -116,30 +116,19 @@ def plan_scheduler(acfg, plan):
     return pick
 
 
-def heuristic_scheduler(grid, bias):
+def heuristic_scheduler(grid, control):
     """More compute after an uncertain step: each axis at its dense value or its cheapest, dense when the previous
-    prediction's entropy e is high. It scores those actions e * (number of dense axes) + bias, bias (t, N) -> (N, A) =
-    lam . budget(a) as for the policy, so axis i goes dense when e > -lam_i (1 - cheapest_i): calibrate_bias fits
-    the thresholds, and mixes two of them where many steps tie (a run of near-certain predictions)."""
+    prediction's entropy e is high. It scores those actions e * (number of dense axes), and control (a
+    budget_controller) adds lam . budget(a) as for the policy, so axis i goes dense when e > -lam_i (1 - cheapest_i):
+    the controller sets the thresholds, and mixes two of them where many steps tie (a run of near-certain predictions)."""
     b = grid.budget
     ends = ((b == b.min(0).values) | (b == b.max(0).values)).all(-1)  # (A,) dense or cheapest on every axis
     n_dense = (b == b.max(0).values).sum(-1).float()  # (A,)
 
     def pick(t, obs):
-        score = obs["entropy"][:, None] * n_dense + bias(t, obs["emb"].size(0))  # (N, A)
-        return score.masked_fill(~ends, float("-inf")).argmax(-1)
+        score = (obs["entropy"][:, None] * n_dense).masked_fill(~ends, float("-inf"))  # (N, A)
+        return control(t, score, obs)
     return pick
-
-
-def fit_heuristic(model, eps, requested, grid, acfg, C, batch, prefilled):
-    """The heuristic's multipliers (lower, upper, share) that hold it to the requested budget on the episodes eps,
-    by calibrate_bias as SOL's are. They are fitted on the test episodes themselves, reading only what it spends:
-    entropies are correlated within an episode, so thresholds fitted on other episodes spent up to 0.04 less on
-    test, and a baseline compared at another budget says little (static, random and search meet it by
-    construction)."""
-    with schedules.progress("fit heuristic (test)") as bar:
-        spent = lambda bias: score_episodes(model, eps, torch.ones(3), lambda: heuristic_scheduler(grid, bias), grid, acfg, C, batch, prefilled, bar)[1]
-        return schedules.calibrate_bias(spent, requested, grid)
 
 
 def bootstrap_delta(nll, ref, n, gen):
@@ -399,11 +388,10 @@ def score(run, ec, split, target, make_scheduler, desc=None, bar=None):
         return score_episodes(run.model, eps, target, make_scheduler, run.grid, run.acfg, run.C, ec.eval_batch, prefilled, bar)
 
 
-def calibrated_sol(run, ec, requested, val):
-    """SOL greedy, its budget calibrated on validation: a scheduler factory, and the multipliers (lower, upper, share)."""
-    cal = calibrate(run.model, run.policy, val[0], requested, run.grid, run.acfg, run.C, ec.eval_batch, prefilled=val[1])
-    bias = schedules.multiplier_bias(run.grid, *cal)
-    return (lambda: schedules.policy_scheduler(run.policy, greedy=True, bias=bias)), cal
+def sol_scheduler(run, requested):
+    """SOL greedy, its budget held by a controller: a scheduler factory, and the controller."""
+    control = schedules.budget_controller(requested, run.grid)
+    return (lambda: schedules.policy_scheduler(run.policy, greedy=True, control=control)), control
 
 
 def generate_side_by_side(run, ec, b, enc):
@@ -412,7 +400,7 @@ def generate_side_by_side(run, ec, b, enc):
     if not ids or len(ids) + ec.max_new_tokens > run.model.cfg.block_size:
         raise UsageError(f"prompt plus --max_new_tokens must be 1..{run.model.cfg.block_size} tokens (got {len(ids)} + {ec.max_new_tokens})")
     requested, target = requested_for(run, b)
-    make_sol, _ = calibrated_sol(run, ec, requested, held_out(run, ec, "val", ec.val_episodes))
+    make_sol, _ = sol_scheduler(run, requested)
     for name, make in (("dense", lambda: schedules.dense_scheduler(run.grid)), ("sol", make_sol)):
         new, ach = generate(run.model, ids, ec.max_new_tokens, make, target, run.grid, run.acfg)
         x = torch.tensor([ids + new])
@@ -423,11 +411,11 @@ def generate_side_by_side(run, ec, b, enc):
 
 def every_method(run, ec, b, val, test, dense_nll, gen):
     """Each method on the test episodes at budget b: {method: (nll (E,), achieved (3,), actions)}, the budget
-    requested, the multipliers of SOL and the oracle and the search's validation NLLs."""
+    requested, the mean multipliers of the methods held by a controller and the search's validation NLLs."""
     acfg, T = run.acfg, run.T
     requested, target = requested_for(run, b)
-    make_sol, cal = calibrated_sol(run, ec, requested, val)
-    cals = {"sol": cal}
+    make_sol, held = sol_scheduler(run, requested)
+    held = {"sol": held}
     res = {"sol": score(run, ec, test, target, make_sol, "sol (test)")}
     ach = res["sol"][1].tolist()  # every baseline spends what SOL spent
     res["dense"] = (dense_nll, torch.ones(3), None)
@@ -440,15 +428,12 @@ def every_method(run, ec, b, val, test, dense_nll, gen):
         val_nll = torch.stack([score(run, ec, val, target, lambda: plan_scheduler(acfg, c), bar=bar)[0].mean() for c in cands])
     best = int(val_nll.argmin())
     res["search"] = score(run, ec, test, target, lambda: plan_scheduler(acfg, cands[best]), "search (test)")
-    cals["heuristic"] = fit_heuristic(run.model, test[0], [a if len(v) > 1 else None for a, (v, _) in zip(ach, schedules.axis_lists(acfg))],
-                                      run.grid, acfg, run.C, ec.eval_batch, test[1])
-    bias = schedules.multiplier_bias(run.grid, *cals["heuristic"])
-    res["heuristic"] = score(run, ec, test, target, lambda: heuristic_scheduler(run.grid, bias), "heuristic (test)")
+    held["heuristic"] = schedules.budget_controller([a if len(v) > 1 else None for a, (v, _) in zip(ach, schedules.axis_lists(acfg))], run.grid)
+    res["heuristic"] = score(run, ec, test, target, lambda: heuristic_scheduler(run.grid, held["heuristic"]), "heuristic (test)")
     if ec.oracle:  # at the requested budget, as SOL
-        cals["oracle"] = schedules.calibrate_oracle(run.model, val[0], requested, run.grid, acfg, run.C, ec.eval_batch, val[1])
-        bias = schedules.multiplier_bias(run.grid, *cals["oracle"])
-        res["oracle"] = score(run, ec, test, target, lambda: schedules.oracle_scheduler(run.model, run.grid, acfg, bias), "oracle (test)")
-    return res, requested, cals, {"val_nll": val_nll.tolist(), "best": best}
+        held["oracle"] = schedules.budget_controller(requested, run.grid)
+        res["oracle"] = score(run, ec, test, target, lambda: schedules.oracle_scheduler(run.model, run.grid, acfg, held["oracle"]), "oracle (test)")
+    return res, requested, {m: schedules.mean_multipliers(c) for m, c in held.items()}, {"val_nll": val_nll.tolist(), "best": best}
 
 
 def budget_table(run, ec, b, res, requested, cals, gen):
@@ -467,8 +452,7 @@ def budget_table(run, ec, b, res, requested, cals, gen):
               f"{a[0]:6.3f} {a[1]:6.3f} {a[2] * 16:6.2f}{flag}")
         rows.append({"method": m, "budget": b, "target": axes(asked), "achieved": axes(a.tolist()), "nll": nll.mean().item(),
                      "ppl": nll.mean().exp().item(), "tokens": len(nll) * run.T, "dppl_vs_static": d, "dppl_ci95": [lo, hi],
-                     "off_budget": off, "budget_multipliers": dict(zip(("lower", "upper", "upper_share"), (t.tolist() for t in cals[m])))
-                     if m in cals else None})
+                     "off_budget": off, "controller_mean_multipliers": cals.get(m)})
     if any(r["off_budget"] for r in rows):
         print(f"OFF BUDGET: achieved more than {schedules.BUDGET_TOL} (bits {schedules.BUDGET_TOL * 16:g}) away from what the method was "
               "asked for (sol, oracle: the target; the others: sol's achieved budget)")
@@ -520,7 +504,7 @@ def where_compute_went(run, ec, b, actions, test, enc):
 def multiple_choice(run, ec, b, val, enc):
     """Accuracy on the questions, each answer the choice of highest log-likelihood, for SOL, static and dense at b."""
     requested, target = requested_for(run, b)
-    make_sol, _ = calibrated_sol(run, ec, requested, val)
+    make_sol, _ = sol_scheduler(run, requested)
     accuracy = {}
     for m, make in (("sol", make_sol), ("static", lambda: schedules.static_scheduler(run.acfg, target.tolist())),
                     ("dense", lambda: schedules.dense_scheduler(run.grid))):
@@ -547,12 +531,11 @@ def write_report(run, ec, budgets, rows, details, allocation, mc, val, test):
 def say_cost(run, ec, budgets):
     """What the evaluation will decode, on stderr before it starts: on a large model the defaults take a while."""
     A, n = len(run.grid.values), len(budgets)
-    val = (50 + ec.search_schedules + (4 * A if ec.oracle else 0)) * n  # calibration (about), search, oracle
-    test = 1 + (5 + 30 + (A if ec.oracle else 0)) * n  # the heuristic's fit (about 30)
+    test = 1 + (5 + (A if ec.oracle else 0)) * n  # dense; sol, static, random, search, heuristic; the oracle
     params = sum(p.numel() for p in run.model.parameters())
-    print(f"evaluating a {params:,}-parameter GPT in {ec.dtype}: about {val:,} decodes of {ec.val_episodes} validation episodes "
-          f"and {test:,} of {ec.eval_episodes} test episodes, {run.T} steps each ({'the oracle counts as one per grid action; ' if ec.oracle else ''}"
-          "fewer with --val_episodes, --eval_episodes, --search_schedules, --oracle=false, --budgets; faster with --dtype=bfloat16)", file=sys.stderr)
+    print(f"evaluating a {params:,}-parameter GPT in {ec.dtype}: {ec.search_schedules * n:,} decodes of {ec.val_episodes} validation episodes "
+          f"(the search) and {test:,} of {ec.eval_episodes} test episodes, {run.T} steps each ({'the oracle counts as one per grid action; ' if ec.oracle else ''}"
+          "fewer with --val_episodes, --eval_episodes, --search_schedules, --oracle=false, --budgets)", file=sys.stderr)
 
 
 def main(argv):

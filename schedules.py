@@ -1,8 +1,8 @@
 """
 The schedulers: functions (t, obs) -> (N,) action indices that pick each step's compute for sol.rollout. The
-policy (sampled for training, greedy for evaluation), dense, static allocation and the oracle bound; the joint
-calibration that holds greedy decoding (and the oracle) to a requested budget; and the bookkeeping of budgets,
-requested against achieved, and of the oracle's headroom.
+policy (sampled for training, greedy for evaluation), dense, static allocation and the oracle bound; the budget
+controller that holds greedy decoding (and the oracle) to a requested budget as it decodes; and the bookkeeping of
+budgets, requested against achieved, and of the oracle's headroom.
 """
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,7 @@ def static_scheduler(acfg, achieved):
 
 
 def multiplier_bias(grid, lower, upper, share):
-    """The logit bias of budget-calibrated greedy decoding (see calibrate_bias), a function (t, N) -> (N, A):
+    """The logit bias of budget-held greedy decoding (see calibrate_bias), a function (t, N) -> (N, A):
     lam . budget(a), where on each axis a share of the steps takes the upper multiplier and the rest the lower
     one, in static_scheduler's fixed round-robin over all rows and steps. lower, upper, share: (3,) each."""
     def bias(t, N):
@@ -81,9 +81,9 @@ def multiplier_bias(grid, lower, upper, share):
     return bias
 
 
-def policy_scheduler(policy, greedy, generator=None, bias=None, shard=(0, 1)):
-    """The learned schedule: sample (training rollouts) or take the argmax (evaluation). bias, (A,) or a function
-    (t, N) -> (N, A), is added to the logits: evaluation uses it to steer greedy decoding onto the budget.
+def policy_scheduler(policy, greedy, generator=None, control=None, shard=(0, 1)):
+    """The learned schedule: sample (training rollouts) or take the argmax (evaluation). control (t, logits, obs) ->
+    actions replaces the argmax: evaluation passes a budget_controller, which steers greedy decoding onto the budget.
     shard (rank, world): these rows are part `rank` of `world` equal parts of a larger batch, one per
     data-parallel process; every process draws the whole batch's noise, so each samples what one would."""
     cache = None
@@ -93,10 +93,8 @@ def policy_scheduler(policy, greedy, generator=None, bias=None, shard=(0, 1)):
         if t == 0:
             cache = policy.new_cache(obs["emb"].size(0))
         logits = policy(*(obs[k][:, None] for k in ("h_prev", "emb", "scalars", "prev_action")), cache)[:, -1]
-        if bias is not None:
-            logits = logits + (bias(t, logits.size(0)) if callable(bias) else bias)
         if greedy:
-            return logits.argmax(-1)
+            return logits.argmax(-1) if control is None else control(t, logits, obs)
         probs = F.softmax(logits.float() / policy.pcfg.temperature, -1)
         # torch.multinomial's own one-sample method (argmax of p / Exp(1) noise, the same draws bit for bit)
         rank, world = shard
@@ -109,9 +107,9 @@ def policy_scheduler(policy, greedy, generator=None, bias=None, shard=(0, 1)):
 def solve(spent, target, on, x, lo, hi, steps=14, rounds=6):
     """Knobs x (3,) that make spent() -> achieved budget (3,) meet target (3,) on the axes `on`, jointly: each axis's
     budget grows with its own knob but moves with the others' too (a policy that spends on all three axes together), so
-    bisect one axis at a time over [lo, hi], in rounds, until every axis is within half the tolerance (test episodes
-    differ a little) or the rounds run out. An axis already within it is left alone; a bisection stops once its
-    axis is within a quarter. spent() is decoded once per distinct x."""
+    bisect one axis at a time over [lo, hi], in rounds, until every axis is within half the tolerance or the rounds run
+    out. An axis already within it is left alone; a bisection stops once its axis is within a quarter. spent() is
+    evaluated once per distinct x."""
     seen = {}
 
     def at():
@@ -144,9 +142,9 @@ def missed(achieved, target, on):
 
 def calibrate_bias(spent_under, requested, grid, cell=0.25):
     """Multipliers of the logit bias lam . budget(a) (multiplier_bias) that hold greedy decoding to the requested
-    budget. spent_under(bias) decodes the validation episodes under a bias and returns the achieved budget (3,).
-    The achieved budget is a step function of lam and can jump across the target at one lam (many steps tie), so
-    each axis is steered by a knob x that mixes: a share frac(x / cell) of the steps takes the multiplier just above
+    budget. spent_under(bias) returns the budget (3,) spent under a bias (one step's choices, or a whole decode).
+    The budget is a step function of lam and can jump across the target at one lam (many rows tie), so
+    each axis is steered by a knob x that mixes: a share frac(x / cell) of the rows takes the multiplier just above
     x on a grid of the given cell, the rest the one just below. The budget is then continuous in x, and solve meets
     every axis at once. Only the budget is calibrated, never quality. Returns the lower and upper multipliers and
     the upper one's share, (3,) each."""
@@ -161,16 +159,59 @@ def calibrate_bias(spent_under, requested, grid, cell=0.25):
     return mix()
 
 
-def calibrate(model, policy, eps, requested, grid, acfg, C, batch, prefilled=None):
-    """Greedy decoding takes the policy's mode, which can sit off the requested budget: an axis that costs no
-    quality gets its cheapest value even when the sampled schedules average to the target. calibrate_bias on
-    the validation episodes eps, decoding the greedy policy under each bias tried."""
-    target = torch.tensor([1.0 if v is None else v for v in requested], device=eps.device)
-    prefilled = prefilled or sol.prefill_batches(model, eps, C, batch)  # one prefill for all the decodes
-    scheduler = lambda bias: lambda: policy_scheduler(policy, greedy=True, bias=bias)
-    with progress("calibrate sol (val)") as bar:
-        return calibrate_bias(lambda bias: sol.score_episodes(model, eps, target, scheduler(bias), grid, acfg, C, batch, prefilled, bar)[1],
-                              requested, grid)
+def budget_controller(requested, grid):
+    """Greedy decoding held to the requested budget while it decodes: a function (t, score (N, A), obs) -> actions
+    (N,) that, at every controllable step, aims this step's spend at what brings the spend of everything decoded
+    through the controller so far (every row of every batch) back onto the target: it takes argmax(score + lam .
+    budget(a)) with the multipliers lam solved for that aim (calibrate_bias), then repairs what the solve missed
+    (repair). A fit made beforehand on other episodes misses by what their spend differs; this reads the spend as it
+    happens, so the error left at the end is one step's, spread over all the steps. Only the spend steers it, never
+    quality. Its .multipliers lists each step's mean lam (3,)."""
+    target = torch.tensor([1.0 if v is None else v for v in requested], device=grid.budget.device)
+    on = [i for i in range(3) if requested[i] is not None]
+    total = {"spent": torch.zeros(3, device=target.device), "n": 0}
+
+    def choose(t, score, obs):
+        N = score.size(0)
+        if not obs["scalars"][0, 1]:  # not controllable: the action is neither used nor counted
+            return score.argmax(-1)
+        want = ((target * (total["n"] + N) - total["spent"]) / N).clamp_min(0).minimum(torch.ones_like(target))  # (3,)
+        spent_at = lambda bias: grid.budget[(score + bias(t, N)).argmax(-1)].mean(0)
+        lower, upper, share = calibrate_bias(spent_at, [want[i].item() if i in on else None for i in range(3)], grid)
+        biased = score + multiplier_bias(grid, lower, upper, share)(t, N)
+        a = repair(biased, biased.argmax(-1), want, on, grid)
+        total["spent"], total["n"] = total["spent"] + grid.budget[a].sum(0), total["n"] + N
+        choose.multipliers.append(lower + share * (upper - lower))
+        return a
+    choose.multipliers = []
+    return choose
+
+
+def repair(score, a, want, on, grid):
+    """Where a step's actions a (N,) still spend more than a quarter of the tolerance away from want (3,) on an axis
+    of `on` (many rows tie, and the axes move together), change one row's action at a time: the change that closes
+    most of the gap (summed over the axes) per unit of score given up, until every axis is within it or no change
+    closes any. Returns the actions."""
+    N, a = score.size(0), a.clone()
+    w = torch.zeros(3, device=score.device)
+    w[on] = 1.0
+    for _ in range(4 * N):
+        gap = grid.budget[a].mean(0) - want  # (3,)
+        if (gap[on].abs() <= BUDGET_TOL / 4).all():
+            break
+        closes = (gap.abs() - (gap + (grid.budget - grid.budget[a][:, None]) / N).abs()) @ w  # (N, A) gap closed by each change
+        cost = score.gather(1, a[:, None]) - score  # (N, A) score given up, >= 0 at the argmax
+        ratio = torch.where((closes > 1e-9) & cost.isfinite(), closes / (cost.clamp_min(0) + 1e-6), -1.0)  # -inf: not an option
+        best = int(ratio.argmax())
+        if ratio.view(-1)[best] < 0:
+            break
+        a[best // score.size(1)] = best % score.size(1)
+    return a
+
+
+def mean_multipliers(control):
+    """A controller's multipliers averaged over its steps (3,), for the report."""
+    return torch.stack(control.multipliers).mean(0).tolist() if control.multipliers else [0.0, 0.0, 0.0]
 
 
 def prefill_shown(model, eps, C, batch, split):
@@ -209,48 +250,16 @@ def probe(model, cache, token, grid, acfg, chunk=2**27):
     return torch.cat(out)
 
 
-def oracle_scheduler(model, grid, acfg, bias=None, record=None):
-    """The oracle's schedule: argmax over actions of -KL(p_dense || p_a) + bias, bias (A,) or (t, N) -> (N, A) as
-    for the policy (multiplier_bias: lam . budget(a), lam the negated price). record: a list that gets (t, -KL)
-    of every controllable step, for fitting the prices without decoding again."""
+def oracle_scheduler(model, grid, acfg, control=None):
+    """The oracle's schedule: argmax over actions of -KL(p_dense || p_a), or control (t, -KL, obs) -> actions in its
+    place (a budget_controller: the price per unit of budget that holds it to the target)."""
     def pick(t, obs):
         N = obs["emb"].size(0)
         if not obs["scalars"][0, 1]:  # not controllable: the action is not used
             return torch.full((N,), grid.dense, dtype=torch.long, device=obs["emb"].device)
         score = -probe(model, obs["cache"], obs["token"], grid, acfg)
-        if record is not None:
-            record.append((t, score))
-        return (score + (bias(t, N) if callable(bias) else 0 if bias is None else bias)).argmax(-1)
+        return score.argmax(-1) if control is None else control(t, score, obs)
     return pick
-
-
-def calibrate_oracle(model, eps, requested, grid, acfg, C, batch, prefilled=None, fits=4):
-    """The oracle's prices held to the requested budget on the validation episodes eps, by calibrate_bias as SOL's
-    multipliers are, but over recorded probes instead of decodes: decode recording every step's -KL over the grid,
-    solve on the records, and decode again at the solution (its choices change the states it probes), until a
-    decode meets the target or `fits` decodes are spent. Returns (lower, upper, share) as calibrate."""
-    target = torch.tensor([1.0 if v is None else v for v in requested], device=eps.device)
-    on = [i for i in range(3) if requested[i] is not None]
-    prefilled = prefilled or sol.prefill_batches(model, eps, C, batch)
-    cal = tuple(torch.zeros(3, device=eps.device) for _ in range(3))  # price 0: the first decode is (nearly) dense
-    for i in range(fits):
-        records = []  # per batch of episodes, its (t, -KL) steps
-
-        def make():
-            records.append([])
-            return oracle_scheduler(model, grid, acfg, multiplier_bias(grid, *cal), records[-1])
-        with progress(f"calibrate oracle {i + 1}/{fits} (val)", len(prefilled) * (eps.size(1) - C - 1)) as bar:
-            achieved = sol.score_episodes(model, eps, target, make, grid, acfg, C, batch, prefilled, bar)[1]
-        if i > 0 and not missed(achieved, target, on):
-            break
-        cal = calibrate_bias(lambda bias: replayed_budget(records, bias, grid), requested, grid)
-    return cal
-
-
-def replayed_budget(records, bias, grid):
-    """The mean budget (3,) the oracle's choices would spend under bias, on the recorded probes of its steps."""
-    spent = [grid.budget[(score + bias(t, score.size(0))).argmax(-1)] for steps in records for t, score in steps]
-    return torch.cat(spent).mean(0)
 
 
 def headroom(nll, n, gen):

@@ -12,10 +12,10 @@ Train a SOL policy with GRPO on teacher-forced episodes, on top of a frozen GPT.
    checkpoint (--init_from), then freeze it;
 3. GRPO (docs/method.md, section 3): prefill the context densely, run a dense reference and K sampled
    schedules over the next T tokens, reward the log-probs, penalize missed budgets, update the policy;
-4. evaluate on the test split: SOL (greedy, its budget calibrated in 20 to 60 decodes of --eval_episodes/2
-   validation episodes), dense, static allocation at SOL's achieved budget, and the oracle: a bound, not a method,
-   that tries every grid action at every step (3 to 5 x A dense decodes for A actions, under a minute by default;
-   --oracle=false skips it on a large grid or model).
+4. evaluate on the test split: SOL (greedy, its budget held on target by a controller as it decodes), dense,
+   static allocation at SOL's achieved budget, and the oracle: a bound, not a method, that tries every grid action
+   at every step (A dense decodes for A actions, under a minute by default; --oracle=false skips it on a large
+   grid or model).
 
 Data parallel, one process per GPU (or several on a CPU), each with its share of every batch:
 
@@ -211,10 +211,11 @@ def pretrain(model, splits, tc, device, partial, every):
 # evaluation: SOL, dense, and static at SOL's achieved budget, on the same held-out episodes
 
 
-def evaluate(model, policy, eps, requested, grid, acfg, C, batch, cal, oracle_cal):
-    """SOL (greedy, budget-calibrated), dense, static at SOL's achieved budget and, with oracle_cal, the oracle at the
-    requested budget, on the same episodes. Each method's achieved budget is checked against what it was asked for:
-    off_budget lists the axes it missed. Returns the rows and each method's per-episode NLL."""
+def evaluate(model, policy, eps, requested, grid, acfg, C, batch, oracle):
+    """SOL (greedy, its budget held by a controller as it decodes), dense, static at SOL's achieved budget and, with
+    oracle, the oracle at the requested budget, on the same episodes. Each method's achieved budget is checked against
+    what it was asked for: off_budget lists the axes it missed. Returns the rows, each method's per-episode NLL and
+    the controllers' mean multipliers."""
     target = torch.tensor([1.0 if v is None else v for v in requested], device=eps.device)
     pre = schedules.prefill_shown(model, eps, C, batch, "test")
     T = eps.size(1) - C - 1
@@ -222,17 +223,18 @@ def evaluate(model, policy, eps, requested, grid, acfg, C, batch, cal, oracle_ca
     def decode(name, make):
         with schedules.progress(f"{name} (test)", len(pre) * T) as bar:
             return sol.score_episodes(model, eps, target, make, grid, acfg, C, batch, pre, bar)[:2]
-    bias = schedules.multiplier_bias(grid, *cal)
-    rows = [("sol", requested, *decode("sol", lambda: schedules.policy_scheduler(policy, greedy=True, bias=bias)))]
+    held = {"sol": schedules.budget_controller(requested, grid)}  # one per method, across all its batches
+    rows = [("sol", requested, *decode("sol", lambda: schedules.policy_scheduler(policy, greedy=True, control=held["sol"])))]
     rows.append(("dense", [1.0, 1.0, 1.0], *decode("dense", lambda: schedules.dense_scheduler(grid))))
     matched = rows[0][3].tolist()
     rows.append(("static", matched, *decode("static", lambda: schedules.static_scheduler(acfg, matched))))
-    if oracle_cal is not None:
-        oracle_bias = schedules.multiplier_bias(grid, *oracle_cal)
-        rows.append(("oracle", requested, *decode("oracle", lambda: schedules.oracle_scheduler(model, grid, acfg, oracle_bias))))
+    if oracle:
+        held["oracle"] = schedules.budget_controller(requested, grid)
+        rows.append(("oracle", requested, *decode("oracle", lambda: schedules.oracle_scheduler(model, grid, acfg, held["oracle"]))))
     asked = lambda t: [x if v is not None else None for x, v in zip(t, requested)]  # axes held dense are not checked
-    return [{"method": m, "target": schedules.axes(t), "achieved": schedules.axes(a.tolist()), "off_budget": schedules.off_budget(a.tolist(), asked(t)),
-             "nll": n.mean().item(), "ppl": math.exp(n.mean().item()), "tokens": n.numel() * T} for m, t, n, a in rows], {m: n for m, _, n, _ in rows}
+    return ([{"method": m, "target": schedules.axes(t), "achieved": schedules.axes(a.tolist()), "off_budget": schedules.off_budget(a.tolist(), asked(t)),
+              "nll": n.mean().item(), "ppl": math.exp(n.mean().item()), "tokens": n.numel() * T} for m, t, n, a in rows],
+            {m: n for m, _, n, _ in rows}, {m: schedules.mean_multipliers(c) for m, c in held.items()})
 
 
 def check_resources(run, pretraining):
@@ -528,7 +530,7 @@ def say_sampled_budget(run):
 
 
 def final_evaluation(run, model, policy):
-    """Greedy decoding's budget calibrated on val; SOL, dense and static at SOL's achieved budget on test; the
+    """SOL greedy under the budget controller, dense, static at SOL's achieved budget and the oracle, on test; the
     table, and eval.json. Interrupted, it leaves no eval.json half-written and says how to evaluate again."""
     policy.eval()
     try:
@@ -543,18 +545,12 @@ def final_evaluation(run, model, policy):
 
 
 def evaluate_and_report(model, policy, run):
-    tc, C, T, device = run.tc, run.grpo_cfg.context_len, run.grpo_cfg.rollout_len, run.device
-    val = episodes(run.splits["val"], tc.eval_episodes // 2, C + T + 1).to(device)
-    pre = schedules.prefill_shown(model, val, C, tc.eval_batch, "val")
-    cal = schedules.calibrate(model, policy, val, run.requested, run.grid, run.acfg, C, tc.eval_batch, pre)
-    oracle_cal = schedules.calibrate_oracle(model, val, run.requested, run.grid, run.acfg, C, tc.eval_batch, pre) if tc.oracle else None
-    eps = episodes(run.splits["test"], tc.eval_episodes, C + T + 1).to(device)
-    results, nll = evaluate(model, policy, eps, run.requested, run.grid, run.acfg, C, tc.eval_batch, cal, oracle_cal)
-    lower, upper, share = (t.tolist() for t in cal)
-    print(f"\ntest split, {len(eps)} episodes x {T} controlled steps, greedy policy, budget multipliers "
-          + ", ".join(f"{name} {lo:+.2f}" + (f" / {hi:+.2f} on {f:.0%} of steps" if f else "")
-                      for name, v, lo, hi, f in zip(schedules.AXES, run.requested, lower, upper, share) if v is not None)
-          + f" (fit on val), seed {tc.seed}")
+    tc, C, T = run.tc, run.grpo_cfg.context_len, run.grpo_cfg.rollout_len
+    eps = episodes(run.splits["test"], tc.eval_episodes, C + T + 1).to(run.device)
+    results, nll, multipliers = evaluate(model, policy, eps, run.requested, run.grid, run.acfg, C, tc.eval_batch, tc.oracle)
+    print(f"\ntest split, {len(eps)} episodes x {T} controlled steps, greedy policy, its budget held by the controller as it decodes "
+          "(mean multipliers " + ", ".join(f"{name} {lam:+.2f}" for name, v, lam in zip(schedules.AXES, run.requested, multipliers["sol"])
+                                          if v is not None) + f"), seed {tc.seed}")
     print(f"{'method':<8} {'nll':>7} {'ppl':>8} {'keep':>6} {'prune':>6} {'bits':>6}")
     for r in results:
         a = r["achieved"]
@@ -566,10 +562,8 @@ def evaluate_and_report(model, policy, run):
     room = schedules.headroom(nll, 1000, torch.Generator().manual_seed(tc.seed)) if tc.oracle else None
     if room:
         print(schedules.headroom_line(room))
-    report = {"dataset": tc.dataset, "seed": tc.seed, "config": run.config,
-              "budget_multipliers": {"lower": lower, "upper": upper, "upper_share": share},
-              "oracle_multipliers": None if oracle_cal is None else dict(zip(("lower", "upper", "upper_share"), (t.tolist() for t in oracle_cal))),
-              "episodes": {"calibration (val)": len(val), "test": len(eps)}, "training": sampled_budget(run),
+    report = {"dataset": tc.dataset, "seed": tc.seed, "config": run.config, "budget_control": {"controller": "on", "mean_multipliers": multipliers},
+              "episodes": {"test": len(eps)}, "training": sampled_budget(run),
               "base_skills": run.skills, "results": results, "headroom": room}
     save_atomic(json.dumps(report, indent=2), run.out_dir / "eval.json")
 
@@ -580,7 +574,7 @@ def main(argv):
     policy, opt, initial = new_policy(run, model)  # fresh, or resumed from out_dir
     train_policy(run, model, policy, opt, initial)  # GRPO
     if run.master:
-        final_evaluation(run, model, policy)  # calibrated on val, reported on test
+        final_evaluation(run, model, policy)  # on the test split, every method on budget
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, on_signal)

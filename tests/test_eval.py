@@ -145,11 +145,11 @@ def test_headroom_is_what_the_rows_give(sweep):
 
 def test_every_phase_reports_progress_on_stderr_and_stdout_is_unchanged(sweep):
     out, _, stdout, stderr = sweep
-    phases = ["prefill val", "prefill test", "calibrate sol (val)", "calibrate oracle 1/4 (val)", "probe every action", "search 6 schedules (val)", "fit heuristic (test)",
+    phases = ["prefill val", "prefill test", "probe every action", "search 6 schedules (val)",
               "multiple choice, sol", *[f"{m} (test)" for m in ("dense", "sol", "static", "random", "search", "heuristic", "oracle")]]
     missing = [p for p in phases if p not in stderr]
     assert not missing, missing
-    assert "about" in stderr and "--val_episodes" in stderr  # the cost, said before it starts
+    assert "decodes of" in stderr and "--val_episodes" in stderr  # the cost, said before it starts
     assert "\r" not in stdout and not any(p in stdout for p in phases)
     # the same evaluation with every bar off prints the same bytes on stdout
     quiet = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"--out_dir={out}", "--budgets=0.5,0.8", "--mc=synth", *FAST],
