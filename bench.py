@@ -6,7 +6,7 @@ runs after a warm-up; nothing here is asserted by the tests.
     python bench.py --large         # and a larger one
     python bench.py --json          # one JSON object instead of the table
     python bench.py --compare=true  # only the GRPO step at the shape of the side-by-side with the authors' loop
-    python bench.py --init_from path/to/model.gguf --dtype bfloat16 --context_len 128 --rollout_len 8 --batch_size 4
+    python bench.py --init_from path/to/model.gguf --context_len 128 --rollout_len 8 --batch_size 4
                                     # and a pretrained model's architecture (random weights: the timings do not
                                     # depend on them), without the pretraining figure
 
@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import pretrained
+import cli
 import grpo
+import pretrained
 import sol
 from cli import UsageError, parse_args
 from sol import ActionConfig, GPTConfig, PolicyConfig
@@ -52,7 +53,7 @@ class BenchConfig:
     rollout_len: int = 16  # GRPO controlled steps T
     decode_context: int = 4096  # keys in the cache for the decode latencies
     init_from: str = ""  # also a checkpoint folder's or GGUF file's architecture
-    dtype: str = "float32"  # of the GPT: float32 | bfloat16 (the policy stays float32, as in train.py)
+    dtype: str = "auto"  # of the GPT: auto (cli.pick_dtype, as train.py) | float32 | bfloat16 (the policy stays float32)
     compare: bool = False  # instead: the GRPO step at COMPARE's shape, per criterion
     compile: bool = False  # with --compare: also with the rollouts' decode steps compiled (grpo.compile_steps)
 
@@ -325,16 +326,18 @@ def main(argv):
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # CPU: large tensors leave the resident set when freed, not cached
     bc = BenchConfig()
     parse_args(argv, (bc,))
-    if bc.dtype not in ("float32", "bfloat16"):
-        raise UsageError(f"--dtype={bc.dtype} is not one of float32, bfloat16")
+    if bc.dtype not in ("auto", "float32", "bfloat16"):
+        raise UsageError(f"--dtype={bc.dtype} is not one of auto, float32, bfloat16")
     device = bc.device if bc.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    own, pre = (cli.pick_dtype(bc.dtype, device, p) for p in (False, True))  # (dtype, why) of each kind of GPT
+    print(f"dtype {own[0]} for the built-in GPT ({own[1]})" + (f", {pre[0]} for {bc.init_from} ({pre[1]})" if bc.init_from else ""), file=sys.stderr)
     torch.manual_seed(bc.seed)
     machine = {**asdict(bc), "cpu": cpu_name(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else device}
     if bc.compile and not bc.compare:
         raise UsageError("--compile=true times the compiled rollout step of the comparison: add --compare=true")
     if bc.compare:
-        r = compare(bc, device)
+        r = compare(replace(bc, dtype=own[0]), device)
         if bc.json:
             print(json.dumps({"machine": machine, "compare": r}, indent=2))
         else:
@@ -344,10 +347,10 @@ def main(argv):
     configs = {"default": GPTConfig(vocab_size=640)}  # the synth corpus's vocabulary
     if bc.large:
         configs["large"] = GPTConfig(vocab_size=640, **LARGE)
-    results = {name: bench(name, gcfg, bc, device, machine["matmul_gflops"] * 1e9) for name, gcfg in configs.items()}
+    results = {name: bench(name, gcfg, replace(bc, dtype=own[0]), device, machine["matmul_gflops"] * 1e9) for name, gcfg in configs.items()}
     if bc.init_from:
         gcfg = replace(pretrained.config(bc.init_from), block_size=max(bc.decode_context, bc.context_len + bc.rollout_len) + 1)
-        results[Path(bc.init_from).stem] = bench(Path(bc.init_from).stem, gcfg, bc, device, machine["matmul_gflops"] * 1e9, pretrain=False)
+        results[Path(bc.init_from).stem] = bench(Path(bc.init_from).stem, gcfg, replace(bc, dtype=pre[0]), device, machine["matmul_gflops"] * 1e9, pretrain=False)
     if bc.json:
         print(json.dumps({"machine": machine, "results": results}, indent=2))
     else:

@@ -50,7 +50,7 @@ class EvalConfig:
     budgets: str = ""  # comma list of budgets for every enabled axis; empty = the policy's training target
     dataset: str = ""  # empty = the dataset the policy was trained on
     init_from: str = ""  # the checkpoint (folder or GGUF) of a run trained with --init_from; empty = where it was then
-    dtype: str = "float32"  # of the frozen GPT: float32 | bfloat16 | float16
+    dtype: str = "auto"  # of the frozen GPT: auto (cli.pick_dtype) | float32 | bfloat16 | float16
     seed: int = 1337
     eval_episodes: int = 256  # test episodes per method
     val_episodes: int = 128  # validation episodes (the search's choice)
@@ -254,8 +254,8 @@ def parse(argv):
     """The flags, checked before anything is loaded: (EvalConfig, the budgets, None = the training target)."""
     ec = EvalConfig()
     parse_args(argv, (ec,))
-    if ec.dtype not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"--dtype={ec.dtype} is not one of float32, bfloat16, float16")
+    if ec.dtype not in cli.DTYPES:
+        raise UsageError(f"--dtype={ec.dtype} is not one of {', '.join(cli.DTYPES)}")
     for name in ("eval_episodes", "val_episodes", "eval_batch", "search_schedules", "bootstrap", "mc_questions"):
         if getattr(ec, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(ec, name)}")
@@ -346,6 +346,8 @@ def load_run(ec):
     cfg, g = state["config"], state["config"]["grpo"]
     gcfg, acfg, pcfg = sol.GPTConfig(**cfg["gpt"]), sol.ActionConfig(**cfg["action"]), sol.PolicyConfig(**cfg["policy"])
     grid = sol.action_grid(acfg)
+    ec.dtype, why = cli.pick_dtype(ec.dtype, "cpu", bool(cfg.get("base_sha1")))
+    print(f"dtype {ec.dtype} ({why})")
     check_memory(ec, gcfg, g["context_len"], g["rollout_len"])
     model, init = load_gpt(ec, cfg, out_dir)
     policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.values))

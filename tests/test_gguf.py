@@ -15,6 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import cli  # noqa: E402
 import pretrained  # noqa: E402
 
 gguf = pytest.importorskip("gguf")
@@ -170,7 +171,8 @@ def test_train_and_eval_on_a_tiny_gguf(tiny, tmp_path):
             "--eval_episodes=4", "--eval_batch=4"]
     p = run("train.py", f"--init_from={tiny}", f"--dataset={text}", f"--out_dir={out}", *grpo)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "pretrain" not in p.stderr and "loaded as float32" in p.stdout
+    dtype = "bfloat16" if cli.native_bf16("cpu") else "float32"  # --dtype=auto, the default
+    assert "pretrain" not in p.stderr and f"loaded as {dtype}" in p.stdout
     report = json.loads((out / "eval.json").read_text())
     assert report["config"]["base"] == str(tiny.resolve()) and report["config"]["base_sha1"] == pretrained.digest(tiny)
     assert report["config"]["gpt"]["n_kv_head"] == 2 and all(r["nll"] > 0 for r in report["results"])
@@ -182,6 +184,21 @@ def test_train_and_eval_on_a_tiny_gguf(tiny, tmp_path):
             "--search_schedules=2", "--bootstrap=20", "--plot=false")
     assert p.returncode == 0, p.stderr[-2000:]
     assert {r["method"] for r in json.loads((out / "eval.json").read_text())["results"]} >= {"sol", "static", "search"}
+
+
+def test_dtype_auto_is_bfloat16_where_the_cpu_has_it_natively(tiny, tmp_path, in_process, monkeypatch):
+    text = tmp_path / "story.txt"
+    text.write_text("\n".join(CORPUS[:80]))
+    grpo = ["--context_len=40", "--rollout_len=4", "--max_iters=1", "--batch_size=2", "--rollouts=2", "--width=16",
+            "--eval_episodes=4", "--eval_batch=4", "--oracle=false", "--device=cpu"]
+    for native, dtype in ((True, "bfloat16"), (False, "float32")):  # the capability faked both ways
+        for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+            monkeypatch.setattr(torch.cpu, probe, lambda: native)
+        code, out, err = in_process(ROOT / "train.py", f"--init_from={tiny}", f"--dataset={text}", f"--out_dir={tmp_path / dtype}", *grpo)
+        assert code == 0, err[-2000:]
+        first = out.splitlines()[0]
+        assert f"dtype {dtype} (auto: this cpu " in first and f"loaded as {dtype}" in out, first
+        assert json.loads((tmp_path / dtype / "eval.json").read_text())["config"]["train"]["dtype"] == dtype
 
 
 def test_bad_files_one_line(tiny, tmp_path):

@@ -12,6 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import cli  # noqa: E402
 import grpo  # noqa: E402
 import train  # noqa: E402
 from data.text import gpt2_encoding  # noqa: E402
@@ -173,3 +174,18 @@ def test_real_text_end_to_end(tmp_path):
                        timeout=600, env=dict(os.environ, TIKTOKEN_CACHE_DIR=str(SHARED / "tiktoken")))
     assert p.returncode == 0, p.stderr[-2000:]
     assert {r["method"] for r in json.loads((tmp_path / "out" / "eval.json").read_text())["results"]} >= {"sol", "search", "heuristic"}
+
+
+def test_dtype_auto_picks_bfloat16_only_for_a_pretrained_model_on_native_hardware(monkeypatch):
+    for native in (True, False):  # the capability faked both ways, on a CPU and on a GPU
+        for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+            monkeypatch.setattr(torch.cpu, probe, lambda: native)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: native)
+        for device in ("cpu", "cuda"):
+            assert cli.pick_dtype("auto", device, True)[0] == ("bfloat16" if native else "float32")
+            assert cli.pick_dtype("auto", device, False)[0] == "float32"  # the built-in GPT: the same figures everywhere
+            assert cli.pick_dtype("float16", device, True) == ("float16", "as asked")
+        assert cli.pick_dtype("auto", "mps", True)[0] == "float32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # AVX-512 BF16 without AMX is native too
+    assert cli.pick_dtype("auto", "cpu", True)[0] == "bfloat16"
