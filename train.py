@@ -8,8 +8,9 @@ Train a SOL policy with GRPO on teacher-forced episodes, on top of a frozen GPT.
     python train.py --help
 
 1. prepare the dataset if its token files are missing;
-2. pretrain the base GPT once per dataset and model config (cached next to the data), or load a pretrained
-   checkpoint (--init_from), then freeze it;
+2. load the base GPT shipped with the built-in corpus (data/synth/base.pt), or pretrain one once per dataset and
+   model config (cached next to the data; --pretrain=true on the built-in corpus), or load a pretrained checkpoint
+   (--init_from); then freeze it;
 3. GRPO (docs/method.md, section 3): prefill the context densely, run a dense reference and K sampled
    schedules over the next T tokens, reward the log-probs, penalize missed budgets, update the policy;
 4. evaluate on the test split: SOL (greedy, its budget held on target by a controller as it decodes), dense,
@@ -63,7 +64,8 @@ class TrainConfig:
     seed: int = 1337
     resume: bool = False  # continue the run saved in out_dir
     overwrite: bool = False  # start over even if out_dir holds a run
-    pretrain_iters: int = 1600  # base GPT pretraining, done once per dataset and model config
+    pretrain: bool = False  # synth: pretrain the base GPT here instead of loading the shipped data/synth/base.pt
+    pretrain_iters: int = 3200  # base GPT pretraining (other datasets, or --pretrain), once per dataset and model config
     pretrain_batch: int = 16
     pretrain_lr: float = 1e-2  # the rate at which recall formed earliest (docs/experiments.md)
     eval_episodes: int = 256  # held-out episodes of the final evaluation
@@ -201,6 +203,8 @@ def pretrain(model, splits, tc, device, partial, every):
                 return None
     model.eval()
     with torch.no_grad():
+        for p in model.parameters():  # saved in half precision: enough for a frozen model evaluated in float32
+            p.copy_(p.half())
         x = episodes(splits["val"], 32, T + 1).to(device)
         logits, _ = model(x[:, :-1])
         val = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item()
@@ -360,12 +364,15 @@ def stop(run, saved, then):
 
 
 def base_gpt(run):
-    """The frozen GPT: a pretrained checkpoint, or the small GPT pretrained here once per dataset and model config
-    (cached next to the data, resumable from its .partial file)."""
+    """The frozen GPT: a pretrained checkpoint, the base shipped with the built-in corpus, or the small GPT pretrained
+    here once per dataset and model config (cached next to the data, resumable from its .partial file)."""
     tc, gcfg, init = run.tc, run.gcfg, run.init
+    shipped = init is None and tc.dataset == "synth" and not tc.pretrain
     key = json.dumps([gpt_config(gcfg), run.meta, tc.pretrain_iters, tc.pretrain_batch, tc.pretrain_lr, tc.seed], sort_keys=True)
-    run.base_path = init or run.data_dir / f"base-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
+    run.base_path = init or run.data_dir / ("base.pt" if shipped else f"base-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt")
     run.base_sha1 = pretrained.digest(init) if init else None
+    if shipped:
+        check_shipped(run)
     check_resources(run, pretraining=init is None and not run.base_path.exists())
     t0 = time.time()
     model = pretrained.load(init, getattr(torch, tc.dtype), run.device) if init else sol.GPT(gcfg).to(run.device)
@@ -378,14 +385,15 @@ def base_gpt(run):
         if state.get("config") != gpt_config(gcfg):
             raise UsageError(f"the base checkpoint {run.base_path} was made for another model config; delete it to retrain")
         model.load_state_dict(state["model"])
-        print(f"base GPT: reusing {run.base_path} (val loss {state['val_loss']:.4f})")
+        print(f"base GPT: {'the shipped one, ' if shipped else 'reusing '}{run.base_path} (val loss {state['val_loss']:.4f})")
     else:
         if not run.master:  # rank 0 pretrained it, on another machine
             raise UsageError(f"{run.base_path} is missing here: on several machines, data/ must be a folder they share")
         val = pretrain(model, run.splits, tc, run.device, partial, run.grpo_cfg.ckpt_interval)
         if val is None:
             stop(run, partial, f"the same command again: {run.cmd}")
-        save_atomic({"model": model.state_dict(), "config": gpt_config(gcfg), "val_loss": val}, run.base_path)
+        save_atomic({"model": {k: v.half() for k, v in model.state_dict().items()}, "config": gpt_config(gcfg), "val_loss": val,
+                     "corpus": run.meta.get("sha256"), "command": run.cmd}, run.base_path)
         print(f"base GPT: saved to {run.base_path} after {time.time() - t0:.0f} s")
     partial.unlink(missing_ok=True)
     model.eval().requires_grad_(False).to(getattr(torch, tc.dtype))
@@ -393,6 +401,28 @@ def base_gpt(run):
     if run.ddp and run.master:
         dist.barrier()
     return model
+
+
+BASE_SHA256 = "2744a27c726a5211897b09ac611985016ddd3ec0db781afd854ca55a785f8eaa"  # of data/synth/base.pt, as shipped (README)
+
+
+def check_shipped(run):
+    """The shipped base is the default model pretrained on this very corpus: flags that would make another base ask
+    for --pretrain=true, and a corpus whose tokens differ from the ones it was trained on is refused."""
+    tc, fix = run.tc, "pass --pretrain=true to pretrain a base GPT here instead"
+    changed = [f"--{f.name}" for f in fields(run.gcfg) if f.name != "vocab_size" and getattr(run.gcfg, f.name) != getattr(GPTConfig, f.name)]
+    changed += [f"--{n}" for n in ("pretrain_iters", "pretrain_batch", "pretrain_lr") if getattr(tc, n) != DEFAULTS[n]]
+    if changed:
+        raise UsageError(f"{', '.join(changed)} describe another base GPT than the one shipped with the built-in corpus; {fix}")
+    if not run.base_path.exists():
+        raise UsageError(f"the shipped base GPT {run.base_path} is missing; restore it (git checkout data/synth/base.pt) or {fix}")
+    if hashlib.sha256(run.base_path.read_bytes()).hexdigest() != BASE_SHA256:
+        raise UsageError(f"{run.base_path} is not the file shipped with this version (its sha256 differs); restore it "
+                         f"(git checkout data/synth/base.pt) or {fix}")
+    corpus = load_checkpoint(run.base_path, "base GPT").get("corpus")
+    if corpus != run.meta.get("sha256"):
+        raise UsageError(f"{run.base_path} was pretrained on another build of the built-in corpus (sha256 {str(corpus)[:12]}, this one "
+                         f"{str(run.meta.get('sha256'))[:12]}); delete data/synth/meta.json to prepare it again, or {fix}")
 
 
 def report_skills(model, run):

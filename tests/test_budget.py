@@ -179,7 +179,7 @@ def idle_kib():
 @pytest.mark.parametrize("script_name, args, needle", [
     ("train.py", ["--batch_size=100000000"], "GRPO with --batch_size=100000000 and --rollouts=16 needs about"),
     ("train.py", ["--rollouts=1000000"], "GRPO with --batch_size=8 and --rollouts=1000000 needs about"),
-    ("train.py", ["--pretrain_batch=100000000", "--seed=99"], "pretraining with --pretrain_batch=100000000 needs about"),
+    ("train.py", ["--pretrain=true", "--pretrain_batch=100000000", "--seed=99"], "pretraining with --pretrain_batch=100000000 needs about"),
     ("train.py", ["--eval_episodes=1000000000"], "--eval_episodes=1000000000 needs about"),
     ("eval.py", ["--eval_episodes=1000000000"], "--eval_episodes=1000000000 and --val_episodes=128 needs about"),
     ("eval.py", ["--bootstrap=1000000000"], "the bootstrap with --bootstrap=1000000000"),

@@ -1,4 +1,5 @@
 """End to end: the real train.py on the real synthetic corpus, with a tiny model so it runs in seconds."""
+import hashlib
 import json
 import math
 import os
@@ -7,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -17,7 +20,7 @@ import grpo  # noqa: E402
 import train  # noqa: E402
 from data.text import gpt2_encoding  # noqa: E402
 
-TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--mlp_hidden=64", "--block_size=64", "--width=16",
+TINY = ["--pretrain=true", "--n_layer=1", "--n_embd=32", "--n_head=2", "--mlp_hidden=64", "--block_size=64", "--width=16",
         "--context_len=40", "--rollout_len=4", "--pretrain_iters=10", "--pretrain_batch=4", "--max_iters=3",
         "--batch_size=2", "--rollouts=2", "--eval_episodes=8", "--ckpt_interval=2"]
 
@@ -189,3 +192,39 @@ def test_dtype_auto_picks_bfloat16_only_for_a_pretrained_model_on_native_hardwar
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # AVX-512 BF16 without AMX is native too
     assert cli.pick_dtype("auto", "cpu", True)[0] == "bfloat16"
+
+
+# -----------------------------------------------------------------------------
+# the base GPT shipped with the built-in corpus
+
+
+def test_the_shipped_base_is_the_recorded_one_and_has_both_skills():
+    from data import episodes, load_dataset
+    from data.synth.prepare import skills
+    path = ROOT / "data" / "synth" / "base.pt"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == train.BASE_SHA256 and digest in (ROOT / "README.md").read_text()  # the README names it too
+    assert path.stat().st_size <= 1.5 * 2**20
+    data_dir, meta, splits = load_dataset("synth")
+    state = torch.load(path, weights_only=True)
+    assert state["corpus"] == meta["sha256"] and all(v.dtype == torch.float16 for v in state["model"].values())
+    gcfg = train.GPTConfig(**state["config"])
+    assert gcfg == train.GPTConfig(vocab_size=meta["vocab_size"])  # the default model: what the quick start builds
+    model = train.sol.GPT(gcfg).eval()
+    model.load_state_dict(state["model"])
+    x = episodes(splits["val"], 64, gcfg.block_size + 1)
+    flags = episodes(np.memmap(data_dir / "val_skill.bin", dtype=np.uint8, mode="r"), 64, gcfg.block_size + 1)[:, 1:]
+    with torch.no_grad():
+        nll = F.cross_entropy(model(x[:, :-1])[0].flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(flags.shape)
+    assert abs(nll[:32].mean().item() - state["val_loss"]) < 1e-3  # pretrain()'s own measure: the first 32 of these windows
+    assert all(s["formed"] for s in skills(nll, flags, meta["chance"]["val"]).values())
+
+
+def test_the_shipped_base_is_refused_where_it_does_not_belong(in_process, monkeypatch):
+    import data
+    code, _, err = in_process(ROOT / "train.py", "--n_layer=1", "--pretrain_iters=10")  # another model, without --pretrain
+    assert code == 2 and err.count("\n") == 1 and "--n_layer, --pretrain_iters describe another base GPT" in err and "--pretrain=true" in err, err
+    load = data.load_dataset
+    monkeypatch.setattr(data, "load_dataset", lambda *a: (lambda d, m, s: (d, {**m, "sha256": "0" * 64}, s))(*load(*a)))  # another corpus
+    code, _, err = in_process(ROOT / "train.py", "--max_iters=1")
+    assert code == 2 and err.count("\n") == 1 and "was pretrained on another build of the built-in corpus" in err, err

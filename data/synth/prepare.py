@@ -17,6 +17,7 @@ saved in tiktoken's file format, so nothing is downloaded.
     python data/synth/prepare.py    # writes train/val/test .bin, *_skill.bin, meta.json
 """
 import base64
+import hashlib
 import json
 import math
 import os
@@ -50,7 +51,7 @@ PIECES = ["facts", "\n"] + [" " + w for w in WORDS]  # a scene starts a line: "f
 PAT_STR = r""" ?[^\s]+|\s+"""
 MAX_SCENE = 120  # tokens; a scene must fit in a 128-token context
 RECALL, COPY = 1, 2  # the skill flags of the *_skill.bin files
-VERSION = 2  # of the corpus, in meta.json: a folder prepared by another version is prepared again
+VERSION = 3  # of the corpus, in meta.json: a folder prepared by another version is prepared again
 
 
 def scene(rng):
@@ -192,16 +193,18 @@ def prepare(out_dir=Path(__file__).parent, seed=1337, n_train=2_000_000, n_val=1
     assert all(len(enc.encode_ordinary(p)) == 1 for p in PIECES)
     write(out_dir / "synth.tiktoken", "".join(
         f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()).encode())
-    sizes, recall, copy, chances = {}, {}, {}, {}
+    sizes, recall, copy, chances, digest = {}, {}, {}, {}, hashlib.sha256()
     for i, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
         ids, flags = generate(n, seed + i, enc)  # a different stream per split
         write(out_dir / f"{split}.bin", ids.tobytes())
+        digest.update(ids.tobytes())
         write(out_dir / f"{split}_skill.bin", flags.tobytes())
         sizes[split], recall[split], copy[split] = len(ids), float((flags == RECALL).mean()), float((flags == COPY).mean())
         chances[split] = chance(ids, flags, enc)
     meta = {"vocab_size": (enc.n_vocab + 63) // 64 * 64, "n_vocab": enc.n_vocab,
             "tokenizer": "synth", "pat_str": PAT_STR, "n_tokens": sizes,
-            "recall_frac": recall, "copy_frac": copy, "chance": chances, "seed": seed, "version": VERSION}
+            "recall_frac": recall, "copy_frac": copy, "chance": chances, "seed": seed, "version": VERSION,
+            "sha256": digest.hexdigest()}  # of the three splits' tokens: the shipped base GPT was trained on these
     write(out_dir / "meta.json", json.dumps(meta, indent=1).encode())
     return meta
 
