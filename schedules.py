@@ -33,6 +33,7 @@ AXES = ("keep", "prune", "bits")
 
 
 BUDGET_TOL = 0.02  # an achieved budget fraction within this of the one asked for meets it (bits: 0.32 bits)
+LAM = 20.0  # the budget multipliers' range, [-LAM, LAM]: how far the controller may steer a policy from its own choice
 
 
 def clamp_targets(acfg, asked):
@@ -155,7 +156,7 @@ def calibrate_bias(spent_under, requested, grid, cell=0.25):
         lower = torch.floor(x / cell) * cell
         share = x / cell - torch.floor(x / cell)
         return lower, torch.where(share > 0, lower + cell, lower), share
-    solve(lambda: spent_under(multiplier_bias(grid, *mix())), target, [i for i in range(3) if requested[i] is not None], x, -20.0, 20.0)
+    solve(lambda: spent_under(multiplier_bias(grid, *mix())), target, [i for i in range(3) if requested[i] is not None], x, -LAM, LAM)
     return mix()
 
 
@@ -178,20 +179,21 @@ def budget_controller(requested, grid):
         want = ((target * (total["n"] + N) - total["spent"]) / N).clamp_min(0).minimum(torch.ones_like(target))  # (3,)
         spent_at = lambda bias: grid.budget[(score + bias(t, N)).argmax(-1)].mean(0)
         lower, upper, share = calibrate_bias(spent_at, [want[i].item() if i in on else None for i in range(3)], grid)
-        biased = score + multiplier_bias(grid, lower, upper, share)(t, N)
-        a = repair(biased, biased.argmax(-1), want, on, grid)
+        biased, lam = score + multiplier_bias(grid, lower, upper, share)(t, N), lower + share * (upper - lower)
+        a = repair(biased, biased.argmax(-1), want, on, grid, lam)
         total["spent"], total["n"] = total["spent"] + grid.budget[a].sum(0), total["n"] + N
-        choose.multipliers.append(lower + share * (upper - lower))
+        choose.multipliers.append(lam)
         return a
     choose.multipliers = []
     return choose
 
 
-def repair(score, a, want, on, grid):
+def repair(score, a, want, on, grid, lam):
     """Where a step's actions a (N,) still spend more than a quarter of the tolerance away from want (3,) on an axis
     of `on` (many rows tie, and the axes move together), change one row's action at a time: the change that closes
     most of the gap (summed over the axes) per unit of score given up, until every axis is within it or no change
-    closes any. Returns the actions."""
+    closes any. Only changes that some multipliers within the solve's range (|lam| <= LAM) would make are allowed:
+    the controller steers the policy as far as the multipliers reach, never further. score: biased by lam (3,)."""
     N, a = score.size(0), a.clone()
     w = torch.zeros(3, device=score.device)
     w[on] = 1.0
@@ -199,9 +201,11 @@ def repair(score, a, want, on, grid):
         gap = grid.budget[a].mean(0) - want  # (3,)
         if (gap[on].abs() <= BUDGET_TOL / 4).all():
             break
-        closes = (gap.abs() - (gap + (grid.budget - grid.budget[a][:, None]) / N).abs()) @ w  # (N, A) gap closed by each change
+        step = grid.budget - grid.budget[a][:, None]  # (N, A, 3) each change's budget move
+        closes = (gap.abs() - (gap + step / N).abs()) @ w  # (N, A) gap closed by each change
         cost = score.gather(1, a[:, None]) - score  # (N, A) score given up, >= 0 at the argmax
-        ratio = torch.where((closes > 1e-9) & cost.isfinite(), closes / (cost.clamp_min(0) + 1e-6), -1.0)  # -inf: not an option
+        reach = (LAM - lam.abs()) * step.abs() @ w  # the most a multiplier in range could pay for it
+        ratio = torch.where((closes > 1e-9) & (cost <= reach), closes / (cost.clamp_min(0) + 1e-6), -1.0)  # -inf scores: never
         best = int(ratio.argmax())
         if ratio.view(-1)[best] < 0:
             break
