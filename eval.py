@@ -51,6 +51,7 @@ class EvalConfig:
     dataset: str = ""  # empty = the dataset the policy was trained on
     init_from: str = ""  # the checkpoint (folder or GGUF) of a run trained with --init_from; empty = where it was then
     dtype: str = "auto"  # of the frozen GPT: auto (cli.pick_dtype) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto (cuda if there is one) | cpu | cuda
     seed: int = 1337
     eval_episodes: int = 256  # test episodes per method
     val_episodes: int = 128  # validation episodes (the search's choice)
@@ -167,7 +168,7 @@ def choice_loglik(model, enc, q, make_scheduler, target, grid, acfg):
     out = []
     for choice in q["choices"]:
         ids = enc.encode_ordinary(choice)
-        x = torch.tensor([ctx + ids])[:, -model.cfg.block_size:]
+        x = torch.tensor([ctx + ids], device=target.device)[:, -model.cfg.block_size:]
         C = x.size(1) - len(ids) - 1
         cache, h0 = prefill(model, x, C, len(ids))
         roll = sol.rollout(model, cache, h0, x[:, C:], target[None], make_scheduler(), grid, acfg)
@@ -178,10 +179,10 @@ def choice_loglik(model, enc, q, make_scheduler, target, grid, acfg):
 @torch.no_grad()
 def generate(model, ids, n, make_scheduler, target, grid, acfg):
     """Greedy continuation under a schedule; returns the new tokens and the achieved budget."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=target.device)
     cache = model.new_cache(1, x.size(1) + n)
     h = model.hidden(x, cache)
-    scheduler, spent, n_eff, out, prev = make_scheduler(), torch.zeros(1, 3), 0, [], torch.tensor([len(grid.values)])
+    scheduler, spent, n_eff, out, prev = make_scheduler(), torch.zeros(1, 3, device=x.device), 0, [], torch.tensor([len(grid.values)], device=x.device)
     token = model.lm_head(h[:, -1]).argmax(-1)
     for t in range(n):
         out.append(token.item())
@@ -256,6 +257,11 @@ def parse(argv):
     parse_args(argv, (ec,))
     if ec.dtype not in cli.DTYPES:
         raise UsageError(f"--dtype={ec.dtype} is not one of {', '.join(cli.DTYPES)}")
+    if ec.device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device={ec.device} is not one of auto, cpu, cuda")
+    if ec.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device=cuda, but torch finds no CUDA device here; pass --device=cpu")
+    ec.device = ec.device if ec.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     for name in ("eval_episodes", "val_episodes", "eval_batch", "search_schedules", "bootstrap", "mc_questions"):
         if getattr(ec, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(ec, name)}")
@@ -308,7 +314,7 @@ def check_memory(ec, gcfg, C, T):
     cli.check_memory([(f"evaluation with --eval_batch={ec.eval_batch}, --eval_episodes={E} and --val_episodes={V}",
                        cli.n_params(lambda: sol.GPT(gcfg)) * lm_bytes + 2 * (E + V) * (C + T + 1) * 8
                        + cli.episode_bytes(gcfg, min(ec.eval_batch, max(E, V)), 1, C, T, lm_bytes), "lower them"),
-                      (f"the bootstrap with --bootstrap={ec.bootstrap} and --eval_episodes={E}", 16 * ec.bootstrap * E, "lower --bootstrap")], "cpu")
+                      (f"the bootstrap with --bootstrap={ec.bootstrap} and --eval_episodes={E}", 16 * ec.bootstrap * E, "lower --bootstrap")], ec.device)
 
 
 def load_gpt(ec, cfg, out_dir):
@@ -320,12 +326,12 @@ def load_gpt(ec, cfg, out_dir):
             raise UsageError(f"{init} is not the checkpoint {out_dir} was trained on ({cfg['base']}, sha1 {cfg['base_sha1'][:10]}); "
                              "pass that one with --init_from")
         print(f"reading {init}", file=sys.stderr)  # a real LM's file takes a while to read and dequantize
-        return pretrained.load(init, dtype), init
+        return pretrained.load(init, dtype, ec.device), init
     if ec.init_from:
         raise UsageError(f"{out_dir} was trained on its own base GPT, not a checkpoint; drop --init_from")
     model = sol.GPT(sol.GPTConfig(**cfg["gpt"]))
     model.load_state_dict(load_checkpoint(cfg["base"], "base GPT")["model"])
-    return model.eval().requires_grad_(False).to(dtype), None
+    return model.eval().requires_grad_(False).to(ec.device, dtype), None
 
 
 def load_questions(ec):
@@ -346,13 +352,14 @@ def load_run(ec):
     cfg, g = state["config"], state["config"]["grpo"]
     gcfg, acfg, pcfg = sol.GPTConfig(**cfg["gpt"]), sol.ActionConfig(**cfg["action"]), sol.PolicyConfig(**cfg["policy"])
     grid = sol.action_grid(acfg)
-    ec.dtype, why = cli.pick_dtype(ec.dtype, "cpu", bool(cfg.get("base_sha1")))
+    grid = grid._replace(values=grid.values.to(ec.device), budget=grid.budget.to(ec.device))
+    ec.dtype, why = cli.pick_dtype(ec.dtype, ec.device, bool(cfg.get("base_sha1")))
     print(f"dtype {ec.dtype} ({why})")
     check_memory(ec, gcfg, g["context_len"], g["rollout_len"])
     model, init = load_gpt(ec, cfg, out_dir)
     policy = sol.Policy(pcfg, gcfg.n_embd, len(grid.values))
     policy.load_state_dict(state["policy"])
-    policy.eval()
+    policy.to(ec.device).eval()
     dataset = ec.dataset or cfg["train"]["dataset"]
     data_dir, meta, splits = load_dataset(dataset, init)
     if init is None and meta["vocab_size"] != gcfg.vocab_size:
@@ -373,21 +380,22 @@ def requested_for(run, b):
     requested, notices = schedules.clamp_targets(run.acfg, run.trained_target if b is None else [b] * 3)
     for line in notices:
         print(line)
-    return requested, torch.tensor([1.0 if v is None else v for v in requested])
+    return requested, torch.tensor([1.0 if v is None else v for v in requested], device=run.grid.budget.device)
 
 
 def held_out(run, ec, split, n):
     """n fixed episodes (n, C+T+1) of a split, and their dense prefill, which every schedule shares."""
-    eps = episodes(run.splits[split], n, run.C + run.T + 1)
+    eps = episodes(run.splits[split], n, run.C + run.T + 1).to(ec.device)
     return eps, schedules.prefill_shown(run.model, eps, run.C, ec.eval_batch, split)
 
 
 def score(run, ec, split, target, make_scheduler, desc=None, bar=None):
     """score_episodes on held-out episodes: per-episode NLL (E,), achieved budget (3,), actions (E, T). Its progress
-    goes to bar, or to a bar of its own named desc."""
+    goes to bar, or to a bar of its own named desc. All three on the CPU, where the tables are made."""
     eps, prefilled = split
     with schedules.progress(desc, len(prefilled) * run.T) if bar is None else contextlib.nullcontext(bar) as bar:
-        return score_episodes(run.model, eps, target, make_scheduler, run.grid, run.acfg, run.C, ec.eval_batch, prefilled, bar)
+        out = score_episodes(run.model, eps, target.to(ec.device), make_scheduler, run.grid, run.acfg, run.C, ec.eval_batch, prefilled, bar)
+    return tuple(t.cpu() for t in out)
 
 
 def sol_scheduler(run, requested):
@@ -405,7 +413,7 @@ def generate_side_by_side(run, ec, b, enc):
     make_sol, _ = sol_scheduler(run, requested)
     for name, make in (("dense", lambda: schedules.dense_scheduler(run.grid)), ("sol", make_sol)):
         new, ach = generate(run.model, ids, ec.max_new_tokens, make, target, run.grid, run.acfg)
-        x = torch.tensor([ids + new])
+        x = torch.tensor([ids + new], device=ec.device)
         logp = torch.log_softmax(run.model(x[:, :-1])[0], -1)[0, len(ids) - 1:].gather(-1, x[0, len(ids):, None]).mean().item()
         print(f"\n[{name}] keep {ach[0]:.2f} prune {ach[1]:.2f} bits {ach[2] * 16:.1f} | mean log-prob under dense {logp:.3f}")
         print(ec.prompt + enc.decode(new))
@@ -482,11 +490,11 @@ def evaluate_budgets(run, ec, budgets, val, test, gen):
 def where_compute_went(run, ec, b, actions, test, enc):
     """Shade the first test episodes' tokens by SOL's compute (allocation.html); on the default corpus, compare
     the tokens that need far context with the rest. actions (E, T) at budget b."""
-    C, T, grid = run.C, run.T, run.grid
+    C, T, grid = run.C, run.T, run.grid._replace(values=run.grid.values.cpu(), budget=run.grid.budget.cpu())
     compute = grid.budget[actions].mean(-1)  # (E, T) mean budget fraction of the step's action
     print(f"\nwhere the compute went ({'trained target' if b is None else f'budget {b}'}; darker = more): "
           "each token shaded by the compute of the step that predicted it")
-    toks = test[0][:6, C + 1:]  # the controlled tokens of the first six test episodes, one per line
+    toks = test[0][:6, C + 1:].cpu()  # the controlled tokens of the first six test episodes, one per line
     shade([enc.decode([t]).replace("\n", " / ") + ("\n" if k % T == T - 1 else "") for k, t in enumerate(toks.flatten().tolist())],
           compute[:6].flatten().tolist(), run.out_dir / "allocation.html")
     allocation = None
