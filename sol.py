@@ -94,9 +94,14 @@ def topn_mask(score, n):
 
 
 def fake_quant(x, bits):
-    """Symmetric per-token absmax fake quantization of x (N, T, C) to bits[r] bits per row; 16 = identity."""
+    """Symmetric per-token absmax fake quantization of x (N, T, C) to bits[r] bits per row; 16 = identity. On CUDA
+    with Triton, one fused kernel; elsewhere the same math in PyTorch ops."""
     if triton is not None and x.is_cuda:
         return fake_quant_triton(x, bits)
+    return fake_quant_torch(x, bits)
+
+
+def fake_quant_torch(x, bits):
     bits = bits.view(-1, *[1] * (x.dim() - 1))
     qmax = 2.0 ** (bits - 1) - 1
     scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax  # clamp: an all-zero token stays 0
