@@ -33,7 +33,7 @@ AXES = ("keep", "prune", "bits")
 
 
 BUDGET_TOL = 0.02  # an achieved budget fraction within this of the one asked for meets it (bits: 0.32 bits)
-LAM = 20.0  # the budget multipliers' range, [-LAM, LAM]: how far the controller may steer a policy from its own choice
+LAM = 100.0  # the budget multipliers' range, [-LAM, LAM]: how far the controller may steer a policy from its own choice
 
 
 def clamp_targets(acfg, asked):
