@@ -3,7 +3,7 @@ Train a SOL policy with GRPO on teacher-forced episodes, on top of a frozen GPT.
 
     python train.py --target_budget 0.5
     python train.py --dataset shakespeare --target_budget 0.3 --rollouts 8
-    python train.py --init_from path/to/Llama-3.2-1B --dataset mytext.txt --dtype bfloat16
+    python train.py --init_from path/to/Llama-3.2-1B --dataset mytext.txt   # bfloat16 where the hardware has it (--dtype=auto)
     python train.py --init_from path/to/SmolLM2-135M-Instruct.Q4_1.gguf --dataset mytext.txt
     python train.py --help
 
