@@ -127,7 +127,10 @@ def test_generation_and_bad_inputs(sweep, tmp_path, in_process):
                          ([f"--out_dir={out}", "--budgets=0.5,2"], "--budgets"),
                          ([f"--out_dir={out}", "--budgets=a"], "comma list"),
                          ([f"--out_dir={out}", f"--mc={bad}"], "line 1 needs"),
-                         ([f"--out_dir={out}", "--prompt=x", "--max_new_tokens=500"], "max_new_tokens")):
+                         ([f"--out_dir={out}", "--prompt=x", "--max_new_tokens=500"], "max_new_tokens"),
+                         ([f"--out_dir={out}", "--device=tpu"], "--device=tpu is not one of"),
+                         ([f"--out_dir={out}", "--dtype=int8"], "--dtype=int8 is not one of"),
+                         *([] if torch.cuda.is_available() else [([f"--out_dir={out}", "--device=cuda"], "finds no CUDA device")])):
         code, _, err = in_process(ROOT / "eval.py", *args, *FAST)  # its command line in this process (tests/conftest.py)
         assert code == 2 and err.startswith("error:") and needle in err, (args, err)
         assert len(err.strip().splitlines()) == 1
