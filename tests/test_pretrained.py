@@ -13,6 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import cli  # noqa: E402
 import pretrained  # noqa: E402
 import schedules  # noqa: E402
 import sol  # noqa: E402
@@ -233,7 +234,8 @@ def test_train_and_eval_on_a_pretrained_llama(tmp_path):
             "--eval_episodes=4", "--eval_batch=4"]
     p = run("train.py", f"--init_from={ckpt}", f"--dataset={text}", f"--out_dir={out}", *grpo)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "pretrain" not in p.stderr and "loaded as float32" in p.stdout
+    dtype = "bfloat16" if cli.native_bf16("cpu") else "float32"  # --dtype=auto, the default
+    assert "pretrain" not in p.stderr and f"loaded as {dtype}" in p.stdout
     report = json.loads((out / "eval.json").read_text())
     assert report["config"]["base"] == str(ckpt.resolve()) and len(report["config"]["base_sha1"]) == 40
     assert report["config"]["gpt"]["n_kv_head"] == 2 and report["config"]["gpt"]["vocab_size"] == n + 256
