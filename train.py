@@ -46,8 +46,7 @@ import grpo
 import pretrained
 import schedules
 import sol
-import cli
-from cli import UsageError, check_memory, episode_bytes, load_checkpoint, n_params, parse_args, pretrain_bytes, save_atomic
+from cli import DTYPES, UsageError, check_memory, episode_bytes, load_checkpoint, n_params, parse_args, pick_dtype, pretrain_bytes, save_atomic
 from data import episodes, load_dataset, random_windows
 from data.synth.prepare import skills as synth_skills
 from sol import ActionConfig, GPTConfig, PolicyConfig
@@ -57,7 +56,7 @@ from sol import ActionConfig, GPTConfig, PolicyConfig
 class TrainConfig:
     dataset: str = "synth"  # synth | shakespeare | path/to/file.txt
     init_from: str = ""  # a llama or gpt2 checkpoint folder, or a llama GGUF file: its model and tokenizer, no pretraining
-    dtype: str = "auto"  # of the frozen GPT: auto (cli.pick_dtype) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # of the frozen GPT: auto (bfloat16 where native, cli.pick_dtype) | float32 | bfloat16 | float16
     out_dir: str = "out"
     device: str = "auto"  # auto | cpu | cuda | mps
     compile: str = "auto"  # torch.compile: auto = pretraining, with CUDA | true = pretraining and the rollouts' decode steps | false
@@ -75,7 +74,7 @@ class TrainConfig:
 
 CHOICES = {"reward_agg": ("sum", "max"), "adv_level": ("process", "outcome"), "adv_norm": ("center", "zscore"),
            "criterion": sol.CRITERIA, "device": ("auto", "cpu", "cuda", "mps"), "compile": ("auto", "true", "false"),
-           "dtype": cli.DTYPES}
+           "dtype": DTYPES}
 # GPTConfig fields that come from the dataset or a checkpoint, never from flags
 ARCH = ("n_kv_head", "norm", "norm_eps", "mlp", "pos", "bias", "tie_embeddings", "rope_scaling")
 # (flags, test, what the test asks): values that would crash a run, or train something meaningless
@@ -304,7 +303,7 @@ def setup(argv):
         raise UsageError(f"{tc.dataset} was tokenized beyond the checkpoint's {gcfg.vocab_size} tokens: its tokenizer does not "
                          "match the model, or the text holds bytes the tokenizer lacks (e.g. control characters); remove them")
     validate(tc, grpo_cfg, gcfg, acfg, pcfg)
-    tc.dtype, why = cli.pick_dtype(tc.dtype, run.device, run.init is not None)
+    tc.dtype, why = pick_dtype(tc.dtype, run.device, run.init is not None)
     C, T = grpo_cfg.context_len, grpo_cfg.rollout_len
     need = C + T + 1 if run.init else max(C + T + 1, gcfg.block_size + 1)  # a pretraining window only if we pretrain
     for split, data in run.splits.items():
