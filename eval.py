@@ -424,8 +424,8 @@ def every_method(run, ec, b, val, test, dense_nll, gen):
     requested, the mean multipliers of the methods held by a controller and the search's validation NLLs."""
     acfg, T = run.acfg, run.T
     requested, target = requested_for(run, b)
-    make_sol, held = sol_scheduler(run, requested)
-    held = {"sol": held}
+    make_sol, control = sol_scheduler(run, requested)
+    held = {"sol": control}
     res = {"sol": score(run, ec, test, target, make_sol, "sol (test)")}
     ach = res["sol"][1].tolist()  # every baseline spends what SOL spent
     res["dense"] = (dense_nll, torch.ones(3), None)

@@ -381,6 +381,10 @@ def base_gpt(run):
         print(f"base GPT: {init} (sha1 {run.base_sha1[:10]}) loaded as {tc.dtype} in {time.time() - t0:.1f} s")
     elif run.base_path.exists():
         state = load_checkpoint(run.base_path, "base GPT")
+        if state.get("corpus") != run.meta.get("sha256"):  # the built-in corpus's tokens; other datasets record none
+            raise UsageError(f"{run.base_path} was pretrained on another build of the built-in corpus (sha256 {str(state.get('corpus'))[:12]}, "
+                             f"this one {str(run.meta.get('sha256'))[:12]}); delete data/synth/meta.json to prepare it again, or pass "
+                             "--pretrain=true to pretrain a base GPT here instead")
         if state.get("config") != gpt_config(gcfg):
             raise UsageError(f"the base checkpoint {run.base_path} was made for another model config; delete it to retrain")
         model.load_state_dict(state["model"])
@@ -406,8 +410,8 @@ BASE_SHA256 = "2744a27c726a5211897b09ac611985016ddd3ec0db781afd854ca55a785f8eaa"
 
 
 def check_shipped(run):
-    """The shipped base is the default model pretrained on this very corpus: flags that would make another base ask
-    for --pretrain=true, and a corpus whose tokens differ from the ones it was trained on is refused."""
+    """The shipped base is the default model, as shipped: flags that would make another base ask for --pretrain=true,
+    and a missing or altered file is refused (base_gpt refuses a base trained on other tokens, shipped or cached)."""
     tc, fix = run.tc, "pass --pretrain=true to pretrain a base GPT here instead"
     changed = [f"--{f.name}" for f in fields(run.gcfg) if f.name != "vocab_size" and getattr(run.gcfg, f.name) != getattr(GPTConfig, f.name)]
     changed += [f"--{n}" for n in ("pretrain_iters", "pretrain_batch", "pretrain_lr") if getattr(tc, n) != DEFAULTS[n]]
@@ -418,10 +422,6 @@ def check_shipped(run):
     if hashlib.sha256(run.base_path.read_bytes()).hexdigest() != BASE_SHA256:
         raise UsageError(f"{run.base_path} is not the file shipped with this version (its sha256 differs); restore it "
                          f"(git checkout data/synth/base.pt) or {fix}")
-    corpus = load_checkpoint(run.base_path, "base GPT").get("corpus")
-    if corpus != run.meta.get("sha256"):
-        raise UsageError(f"{run.base_path} was pretrained on another build of the built-in corpus (sha256 {str(corpus)[:12]}, this one "
-                         f"{str(run.meta.get('sha256'))[:12]}); delete data/synth/meta.json to prepare it again, or {fix}")
 
 
 def report_skills(model, run):

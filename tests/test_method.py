@@ -435,6 +435,12 @@ def episodes(n, C, T, seed=0):
     return torch.randint(0, CFG.vocab_size, (n, C + T + 1), generator=torch.Generator().manual_seed(seed))
 
 
+def random_policy(grid):
+    """A freshly initialized policy (seed 1): its greedy choices depend on the tokens, and spend off any target."""
+    torch.manual_seed(1)
+    return sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.values)).eval()
+
+
 def fixed_bias(bias):
     """A control that adds a fixed bias, (A,) or multiplier_bias's (t, N) -> (N, A), to the scores and takes the argmax."""
     return lambda t, score, obs: (score + (bias(t, score.size(0)) if callable(bias) else bias)).argmax(-1)
@@ -444,8 +450,7 @@ def fixed_bias(bias):
 def test_the_controller_meets_the_target():
     model, acfg = gpt(std=0.2), sol.ActionConfig()
     grid = sol.action_grid(acfg)
-    torch.manual_seed(1)
-    policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.values)).eval()
+    policy = random_policy(grid)
     C, T = 12, 8
     eps = episodes(32, C, T)
     for fixed in ([0.25, 0.85, 0.4], [0.8, None, 0.35]):
@@ -469,8 +474,7 @@ def test_the_controller_holds_a_test_split_whose_spend_differs_from_validation()
     # spend as it decodes, does not
     model, acfg = gpt(std=0.2), sol.ActionConfig()
     grid = sol.action_grid(acfg)
-    torch.manual_seed(1)
-    policy = sol.Policy(sol.PolicyConfig(width=16, heads=2), CFG.n_embd, len(grid.values)).eval()
+    policy = random_policy(grid)
     C, T, requested = 12, 8, [0.5, 0.6, 0.5]
     target = torch.tensor(requested)
     val = episodes(32, C, T)
