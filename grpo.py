@@ -117,11 +117,15 @@ def dual_ascent(price, gap, enabled, cfg):
     return price + cfg.dual_lr * gather_rows(gap).mean(0).cpu() * torch.tensor(enabled, dtype=torch.float32)
 
 
+def rewards(roll, cfg):
+    """A rollout's step rewards r_t = (1-w) log p_sparse(x_t+1) - w KL(p_dense || p_sparse), (N, T); roll holds "kl"
+    only when w > 0."""
+    return (1 - cfg.task_w_kl) * roll["logp"] - (cfg.task_w_kl * roll["kl"] if "kl" in roll else 0)
+
+
 def penalized_returns(roll, target, price, enabled, cfg):
-    """The returns of a rollout's step rewards r_t = (1-w) log p_sparse - w KL(p_dense || p_sparse), less its
-    budget penalty at every step; roll holds "kl" only when w > 0. (N, T)"""
-    reward = (1 - cfg.task_w_kl) * roll["logp"] - (cfg.task_w_kl * roll["kl"] if "kl" in roll else 0)
-    return returns(reward, cfg) - budget_penalty(roll["achieved"], target, price, enabled, cfg)[:, None]
+    """The returns of a rollout's step rewards, less its budget penalty at every step. (N, T)"""
+    return returns(rewards(roll, cfg), cfg) - budget_penalty(roll["achieved"], target, price, enabled, cfg)[:, None]
 
 
 def gather_rows(x):

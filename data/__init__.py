@@ -16,7 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load_dataset(name, checkpoint=None):
     """Token splits of a dataset, prepared on first use: returns (data_dir, meta, {split: token memmap}). A text file
-    is tokenized with the checkpoint's tokenizer if given (a folder or GGUF file), else with GPT-2's BPE."""
+    is tokenized with the checkpoint's tokenizer if given (a folder or GGUF file), else with GPT-2's BPE. Several text
+    files, comma-separated, are one dataset: each is split 90/5/5 and tokenized on its own (so each keeps its own
+    test split, to evaluate on alone), and a split is the list of the texts' token arrays; the data_dir and meta are
+    the first text's."""
+    if "," in name:
+        parts = [load_dataset(n, checkpoint) for n in name.split(",")]
+        if any(p[1]["vocab_size"] != parts[0][1]["vocab_size"] or p[1]["tokenizer"] != parts[0][1]["tokenizer"] for p in parts):
+            raise UsageError(f"the texts of --dataset={name} were tokenized differently; give texts of one tokenizer")
+        return parts[0][0], parts[0][1], {s: [p[2][s] for p in parts] for s in ("train", "val", "test")}
     text = name.endswith(".txt") or os.path.sep in name
     if checkpoint is not None and not text:
         raise UsageError(f"--init_from needs a text dataset (--dataset=path/to/file.txt) to tokenize with the checkpoint's "
@@ -58,13 +66,32 @@ def load_dataset(name, checkpoint=None):
     return data_dir, meta, splits
 
 
+def texts(data):
+    """A split as a list of token arrays: the list of a dataset of several texts, or [the one array]."""
+    return data if isinstance(data, list) else [data]
+
+
+def n_tokens(data):
+    return sum(len(d) for d in texts(data))
+
+
+def windows(data, starts, length):
+    """Windows of `length` tokens (n, length) at starts, numbered over every start a split has: one array's, or over
+    a list of arrays (several texts) the first text's starts, then the second's, ...: a window never spans two texts."""
+    first = np.cumsum([0] + [len(d) - length + 1 for d in texts(data)])  # the number of each text's first start
+    which = np.searchsorted(first, starts, side="right") - 1
+    return torch.from_numpy(np.stack([texts(data)[k][s - first[k]:s - first[k] + length].astype(np.int64) for k, s in zip(which, starts)]))
+
+
+def n_starts(data, length):
+    return sum(len(d) - length + 1 for d in texts(data))
+
+
 def episodes(data, n, length):
     """n evenly spaced windows of `length` tokens (fixed held-out episodes)."""
-    starts = np.linspace(0, len(data) - length, n).astype(np.int64)
-    return torch.from_numpy(np.stack([data[s:s + length].astype(np.int64) for s in starts]))
+    return windows(data, np.linspace(0, n_starts(data, length) - 1, n).astype(np.int64), length)
 
 
 def random_windows(data, n, length, rng):
-    """n windows of `length` tokens at random places (training sequences)."""
-    starts = rng.integers(0, len(data) - length + 1, n)
-    return torch.from_numpy(np.stack([data[s:s + length].astype(np.int64) for s in starts]))
+    """n windows of `length` tokens at random places (training sequences); of several texts, each in proportion to its length."""
+    return windows(data, rng.integers(0, n_starts(data, length), n), length)

@@ -174,3 +174,47 @@ def test_text_no_bpe_offline(tmp_path):
                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.startswith("error: cannot load the GPT-2 BPE") and r.stderr.count("\n") == 1
+
+
+# several texts as one dataset: windows never span two texts
+
+
+def test_windows_of_one_text_unchanged():
+    """One array: the same windows as before several texts were allowed (evenly spaced starts, uniform random starts)."""
+    from data import episodes, random_windows
+    data = np.arange(1000, dtype=np.uint16)
+    starts = np.linspace(0, 1000 - 10, 7).astype(np.int64)  # by hand: 0, 165, 330, ..., 990
+    assert episodes(data, 7, 10).tolist() == [list(range(s, s + 10)) for s in starts]
+    drawn = np.random.default_rng(3).integers(0, 1000 - 10 + 1, 5)
+    assert random_windows(data, 5, 10, np.random.default_rng(3)).tolist() == [list(range(s, s + 10)) for s in drawn]
+
+
+def test_windows_of_several_texts_stay_inside_one():
+    from data import episodes, n_tokens, random_windows
+    a, b = np.arange(0, 100, dtype=np.uint16), np.arange(1000, 1300, dtype=np.uint16)  # 91 and 291 starts of length 10
+    both = [a, b]
+    assert n_tokens(both) == 400
+    for w in (episodes(both, 50, 10), random_windows(both, 4000, 10, np.random.default_rng(0))):
+        assert ((w[:, 1:] - w[:, :-1]) == 1).all()  # consecutive tokens of one text: no window spans the boundary
+        assert ((w < 100) | (w >= 1000)).all()
+    ep = episodes(both, 2, 10)  # the first and the last start over both texts
+    assert ep[0].tolist() == list(range(10)) and ep[1].tolist() == list(range(1290, 1300))
+    share_a = (random_windows(both, 4000, 10, np.random.default_rng(0))[:, 0] < 100).float().mean().item()
+    assert abs(share_a - 91 / 382) < 0.03  # each text in proportion to its starts (0.238)
+
+
+def test_dataset_of_several_texts(gpt2_env, tmp_path, monkeypatch):
+    """--dataset=a.txt,b.txt: each text split and tokenized on its own; the splits are lists, the first's meta."""
+    import data
+    monkeypatch.setattr(data, "ROOT", tmp_path)  # the token cache goes under tmp_path/data/cache
+    words = "the quick brown fox jumps over the lazy dog and runs far away from here . "
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(words * 200), b.write_text(words.upper() * 300)
+    _, meta_a, alone = data.load_dataset(str(a))
+    _, meta, splits = data.load_dataset(f"{a},{b}")
+    assert meta == meta_a
+    for s in ("train", "val", "test"):
+        assert isinstance(splits[s], list) and len(splits[s]) == 2
+        assert np.array_equal(splits[s][0], alone[s])
+        assert data.n_tokens(splits[s]) == len(splits[s][0]) + len(splits[s][1])
+    assert json.loads(next((tmp_path / "data" / "cache").glob("b-*/meta.json")).read_text())["source"] == str(b.resolve())
