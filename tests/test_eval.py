@@ -16,7 +16,7 @@ import sol  # noqa: E402
 from test_train import TINY  # noqa: E402
 from cli import UsageError  # noqa: E402
 
-FAST = ["--val_episodes=8", "--eval_episodes=12", "--search_schedules=6", "--bootstrap=200", "--mc_questions=5"]
+FAST = ["--val_episodes=8", "--eval_episodes=12", "--search_schedules=6", "--bootstrap=200"]
 
 
 def run(script, *args):
@@ -28,7 +28,7 @@ def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "out"
     p = run("train.py", *TINY, f"--out_dir={out}")
     assert p.returncode == 0, p.stderr[-2000:]
-    p = run("eval.py", f"--out_dir={out}", "--budgets=0.5,0.8", "--mc=synth", *FAST)
+    p = run("eval.py", f"--out_dir={out}", "--budgets=0.5,0.8", *FAST)
     assert p.returncode == 0, p.stderr[-2000:]
     return out, json.loads((out / "eval.json").read_text()), p.stdout, p.stderr
 
@@ -66,7 +66,6 @@ def test_every_method_at_every_budget_matched(sweep):
     # that need far context and the rest
     keep, at = report["allocation"]["mean_keep"], next(r for r in rows if r["method"] == "sol" and r["budget"] == 0.8)
     assert min(keep.values()) - 1e-6 <= at["achieved"]["keep"] <= max(keep.values()) + 1e-6, (keep, at["achieved"])
-    assert set(report["multiple_choice"]) == {"sol", "static", "dense"}
     assert (out / "pareto.png").exists() or "ASCII" in stdout
 
 
@@ -100,33 +99,14 @@ def test_bootstrap_interval():
     assert 0 < lo <= d <= hi
 
 
-@pytest.mark.parametrize("line, needle", [
-    ("not json", "line 2 is not JSON"),
-    ('{"question": "q", "answer": 0}', "line 2 needs"),
-    ('{"question": "q", "choices": ["a", "b"], "answer": 2}', "line 2 needs"),
-    ('{"question": "q", "choices": ["a"], "answer": 0}', "line 2 needs"),
-    ('{"question": 3, "choices": ["a", "b"], "answer": 0}', "line 2 needs"),
-])
-def test_mc_reader_rejects_malformed_lines(tmp_path, line, needle):
-    f = tmp_path / "mc.jsonl"
-    f.write_text('{"question": "ok?", "choices": [" yes", " no"], "answer": 1}\n' + line + "\n")
-    with pytest.raises(UsageError, match=needle):
-        ev.read_mc(f)
-    f.write_text('{"question": "ok?", "choices": [" yes", " no"], "answer": 1}\n')
-    assert ev.read_mc(f)[0]["answer"] == 1
-
-
 def test_generation_and_bad_inputs(sweep, tmp_path, in_process):
     out, _, _, _ = sweep
     p = run("eval.py", f"--out_dir={out}", "--prompt=facts : color red . ask color", "--max_new_tokens=6", *FAST)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "[dense]" in p.stdout and "[sol]" in p.stdout and "mean log-prob under dense" in p.stdout
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "q"}\n')
     for args, needle in ((["--out_dir=" + str(tmp_path / "none")], "no trained policy"),
                          ([f"--out_dir={out}", "--budgets=0.5,2"], "--budgets"),
                          ([f"--out_dir={out}", "--budgets=a"], "comma list"),
-                         ([f"--out_dir={out}", f"--mc={bad}"], "line 1 needs"),
                          ([f"--out_dir={out}", "--prompt=x", "--max_new_tokens=500"], "max_new_tokens"),
                          ([f"--out_dir={out}", "--device=tpu"], "--device=tpu is not one of"),
                          ([f"--out_dir={out}", "--dtype=int8"], "--dtype=int8 is not one of"),
@@ -149,13 +129,13 @@ def test_headroom_is_what_the_rows_give(sweep):
 def test_every_phase_reports_progress_on_stderr_and_stdout_is_unchanged(sweep):
     out, _, stdout, stderr = sweep
     phases = ["prefill val", "prefill test", "probe every action", "search 6 schedules (val)",
-              "multiple choice, sol", *[f"{m} (test)" for m in ("dense", "sol", "static", "random", "search", "heuristic", "oracle")]]
+              *[f"{m} (test)" for m in ("dense", "sol", "static", "random", "search", "heuristic", "oracle")]]
     missing = [p for p in phases if p not in stderr]
     assert not missing, missing
     assert "decodes of" in stderr and "--val_episodes" in stderr  # the cost, said before it starts
     assert "\r" not in stdout and not any(p in stdout for p in phases)
     # the same evaluation with every bar off prints the same bytes on stdout
-    quiet = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"--out_dir={out}", "--budgets=0.5,0.8", "--mc=synth", *FAST],
+    quiet = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"--out_dir={out}", "--budgets=0.5,0.8", *FAST],
                            cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
     assert quiet.returncode == 0 and quiet.stdout == stdout
     assert not any(p in quiet.stderr for p in phases)
