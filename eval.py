@@ -4,7 +4,8 @@ Evaluate a trained SOL policy against every baseline at the same achieved budget
     python eval.py --out_dir out                                  # at the policy's training target
     python eval.py --out_dir out --budgets 0.2,0.35,0.5,0.65,0.8  # a sweep, and a Pareto plot
     python eval.py --out_dir out --prompt "facts : color red ." --max_new_tokens 24
-    python eval.py --out_dir out --mc path/to/mmlu.jsonl           # multiple choice, by log-likelihood
+    python eval.py --out_dir out --init_from M --mc=mmlu --mc_subjects=international_law   # MMLU instead (docs/mmlu.md)
+    python eval.py --out_dir out --mc=path/to/questions.jsonl      # multiple choice from a file (--mc=synth: built in)
     python eval.py --out_dir out --init_from path/to/model.gguf    # a run trained on a checkpoint that has moved
 
 Methods, all on the same frozen GPT, test episodes and controllable steps:
@@ -18,6 +19,8 @@ Methods, all on the same frozen GPT, test episodes and controllable steps:
   oracle     a bound, not a method: every step tries every action and takes the one that moves the next-token
              distribution least from the dense one, at a price per unit of budget held by a controller.
              It costs A dense decodes (A = grid actions: 80 by default); --oracle=false skips it
+Multiple choice (--mc) replaces the tables: sol, dense, static and random (the oracle with --mc_oracle=true) score
+each choice by its log-likelihood after the question, acc and acc_norm with intervals against static.
 """
 import contextlib
 import io
