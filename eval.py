@@ -250,8 +250,9 @@ def mc_batches(questions, enc, block_size, max_steps, rows):
         cost, cut = [0] + [float("inf")] * len(group), [0] * (len(group) + 1)  # the cheapest cuts of the first j questions
         for j in range(1, len(group) + 1):
             for i in range(max(0, j - per), j):
-                if cost[i] + group[j - 1][0] * (STEP_ROWS + K * (j - i)) < cost[j]:
-                    cost[j], cut[j] = cost[i] + group[j - 1][0] * (STEP_ROWS + K * (j - i)), i
+                c = cost[i] + group[j - 1][0] * (STEP_ROWS + K * (j - i))  # questions i..j-1 decode the longest's steps
+                if c < cost[j]:
+                    cost[j], cut[j] = c, i
         j = len(group)
         while j:
             part = group[cut[j]:j]
