@@ -347,7 +347,7 @@ def mc_methods(run, ec, budgets):
         methods["static", b] = dict(target=target, follows=("sol", b))
         methods["random", b] = dict(target=target, follows=("sol", b), shuffled=True)
         if ec.mc_oracle:
-            held = schedules.budget_controller(requested, run.grid)
+            held = schedules.oracle_controller(requested, run.grid)
             methods["oracle", b] = dict(target=target, asked=requested, control=held, own_prefix=True,
                                         make=lambda held=held: schedules.oracle_scheduler(run.model, run.grid, run.acfg, held))
     return methods
@@ -651,7 +651,7 @@ def every_method(run, ec, b, val, test, dense_nll, gen):
     held["heuristic"] = schedules.budget_controller([a if len(v) > 1 else None for a, (v, _) in zip(ach, schedules.axis_lists(acfg))], run.grid)
     res["heuristic"] = score(run, ec, test, target, lambda: heuristic_scheduler(run.grid, held["heuristic"]), "heuristic (test)")
     if ec.oracle:  # at the requested budget, as SOL
-        held["oracle"] = schedules.budget_controller(requested, run.grid)
+        held["oracle"] = schedules.oracle_controller(requested, run.grid)
         res["oracle"] = score(run, ec, test, target, lambda: schedules.oracle_scheduler(run.model, run.grid, acfg, held["oracle"]), "oracle (test)")
     return res, requested, {m: schedules.mean_multipliers(c) for m, c in held.items()}, {"val_nll": val_nll.tolist(), "best": best}
 

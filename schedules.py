@@ -160,7 +160,7 @@ def calibrate_bias(spent_under, requested, grid, cell=0.25):
     return mix()
 
 
-def budget_controller(requested, grid):
+def budget_controller(requested, grid, cell=0.25):
     """Greedy decoding held to the requested budget while it decodes: a function (t, score (N, A), obs) -> actions
     (N,) that, at every controllable step, aims this step's spend at what brings the spend of everything decoded
     through the controller so far (every row of every batch) back onto the target: it takes argmax(score + lam .
@@ -168,7 +168,8 @@ def budget_controller(requested, grid):
     (repair). A fit made beforehand on other episodes misses by what their spend differs; this reads the spend as it
     happens, so the error left at the end is one step's, spread over all the steps. Only the spend steers it, never
     quality. Rows that only pad a batch (obs["live"] False) take their argmax, uncounted. Its .multipliers lists each
-    step's mean lam (3,)."""
+    step's mean lam (3,). cell: calibrate_bias's, in units of the scores: 0.25 suits a policy's logits, the oracle's
+    KL scores need ORACLE_CELL."""
     target = torch.tensor([1.0 if v is None else v for v in requested], device=grid.budget.device)
     on = [i for i in range(3) if requested[i] is not None]
     total = {"spent": torch.zeros(3, device=target.device), "n": 0}
@@ -181,7 +182,7 @@ def budget_controller(requested, grid):
         N = score.size(0)
         want = ((target * (total["n"] + N) - total["spent"]) / N).clamp_min(0).minimum(torch.ones_like(target))  # (3,)
         spent_at = lambda bias: grid.budget[(score + bias(t, N)).argmax(-1)].mean(0)
-        lower, upper, share = calibrate_bias(spent_at, [want[i].item() if i in on else None for i in range(3)], grid)
+        lower, upper, share = calibrate_bias(spent_at, [want[i].item() if i in on else None for i in range(3)], grid, cell)
         biased, lam = score + multiplier_bias(grid, lower, upper, share)(t, N), lower + share * (upper - lower)
         a[live] = repair(biased, biased.argmax(-1), want, on, grid, lam)
         total["spent"], total["n"] = total["spent"] + grid.budget[a[live]].sum(0), total["n"] + N
@@ -255,6 +256,15 @@ def probe(model, cache, token, grid, acfg, chunk=2**27):
             out.append((ref.exp()[:, None] * (ref[:, None] - logp)).sum(-1).clamp_min(0))
             bar.update(part.stop - part.start)
     return torch.cat(out)
+
+
+ORACLE_CELL = 2 * LAM / 2**14  # the solve's finest step: KL differences between actions are often under 0.1 nats, and a
+# cell of 0.25 split a step's rows between prices that far apart (the oracle fell behind static: docs/pretrained.md)
+
+
+def oracle_controller(requested, grid):
+    """The budget controller of the oracle's KL scores: its multipliers on a grid as fine as the solve resolves."""
+    return budget_controller(requested, grid, ORACLE_CELL)
 
 
 def oracle_scheduler(model, grid, acfg, control=None):

@@ -47,7 +47,7 @@ import pretrained
 import schedules
 import sol
 from cli import DTYPES, UsageError, check_memory, episode_bytes, load_checkpoint, n_params, parse_args, pick_dtype, pretrain_bytes, save_atomic
-from data import episodes, load_dataset, random_windows
+from data import episodes, load_dataset, n_tokens, random_windows, texts
 from data.synth.prepare import skills as synth_skills
 from sol import ActionConfig, GPTConfig, PolicyConfig
 
@@ -233,7 +233,7 @@ def evaluate(model, policy, eps, requested, grid, acfg, C, batch, oracle):
     matched = rows[0][3].tolist()
     rows.append(("static", matched, *decode("static", lambda: schedules.static_scheduler(acfg, matched))))
     if oracle:
-        held["oracle"] = schedules.budget_controller(requested, grid)
+        held["oracle"] = schedules.oracle_controller(requested, grid)
         rows.append(("oracle", requested, *decode("oracle", lambda: schedules.oracle_scheduler(model, grid, acfg, held["oracle"]))))
     asked = lambda t: [x if v is not None else None for x, v in zip(t, requested)]  # axes held dense are not checked
     return ([{"method": m, "target": schedules.axes(t), "achieved": schedules.axes(a.tolist()), "off_budget": schedules.off_budget(a.tolist(), asked(t)),
@@ -299,7 +299,7 @@ def setup(argv):
     run.data_dir, run.meta, run.splits = load_dataset(tc.dataset, run.init)
     if run.init is None:
         gcfg.vocab_size = run.meta["vocab_size"]
-    elif max(int(d.max()) for d in run.splits.values()) >= gcfg.vocab_size:
+    elif max(int(d.max()) for split in run.splits.values() for d in texts(split)) >= gcfg.vocab_size:
         raise UsageError(f"{tc.dataset} was tokenized beyond the checkpoint's {gcfg.vocab_size} tokens: its tokenizer does not "
                          "match the model, or the text holds bytes the tokenizer lacks (e.g. control characters); remove them")
     validate(tc, grpo_cfg, gcfg, acfg, pcfg)
@@ -307,12 +307,12 @@ def setup(argv):
     C, T = grpo_cfg.context_len, grpo_cfg.rollout_len
     need = C + T + 1 if run.init else max(C + T + 1, gcfg.block_size + 1)  # a pretraining window only if we pretrain
     for split, data in run.splits.items():
-        if len(data) < need:
-            raise UsageError(f"the {split} split of {tc.dataset} has {len(data)} tokens, fewer than one episode"
+        if min(len(d) for d in texts(data)) < need:
+            raise UsageError(f"the {split} split of {tc.dataset} has {min(len(d) for d in texts(data))} tokens, fewer than one episode"
                              f"{'' if run.init else ' or pretraining window'} ({need}); use a longer text or a smaller --context_len/--block_size")
     torch.manual_seed(tc.seed)
     run.rng = np.random.default_rng(tc.seed)
-    print(f"seed {tc.seed} | dataset {tc.dataset} ({', '.join(f'{s} {len(d):,}' for s, d in run.splits.items())} tokens) | device {run.device} "
+    print(f"seed {tc.seed} | dataset {tc.dataset} ({', '.join(f'{s} {n_tokens(d):,}' for s, d in run.splits.items())} tokens) | device {run.device} "
           f"| dtype {tc.dtype} ({why})")
     return run
 
@@ -520,7 +520,7 @@ def train_policy(run, model, policy, opt, initial):
             tqdm.write(f"warning: iteration {it + 1}: non-finite reward, advantage or loss; update skipped ({run.skipped} so far)")
         ach, gap = roll["achieved"].mean(0), roll["achieved"] - target.repeat_interleave(K, 0)
         run.recent = (run.recent + [[ach.tolist(), gap.mean(0).tolist()]])[-20:]  # the sampled budget, for the end-of-training line
-        pbar.set_postfix(reward=f"{roll['logp'].mean():.3f}", dense=f"{dense_logp.mean():.3f}",
+        pbar.set_postfix(reward=f"{grpo.rewards(roll, cfg).mean():.3f}", logp=f"{roll['logp'].mean():.3f}", dense=f"{dense_logp.mean():.3f}",
                          keep=f"{ach[0]:.2f}", prune=f"{ach[1]:.2f}", bits=f"{ach[2] * 16:.1f}", gap=f"{gap.abs().mean():.3f}",
                          **({"price": ",".join(f"{p:.2f}" for p in run.price.tolist())} if cfg.dual_lr else {}), skipped=run.skipped)
         if run.ddp:  # a signal reaches the processes at different moments: all stop after the same iteration

@@ -121,3 +121,28 @@ def test_the_joint_solve_meets_targets_that_per_axis_bisection_misses():
     assert torch.allclose(spent_under(schedules.multiplier_bias(grid, *cal)), target)
     for lam in cal[:2]:  # the multipliers below and above each axis's knob
         assert abs(lam[0] + 0.2) < 0.4 and abs(lam[1] - 2.8) < 0.4 and lam[2] == 0
+
+
+def test_the_oracle_controller_solves_kl_scale_scores():
+    """One step of 64 rows on the keep axis alone, scores -KL of a few hundredths of a nat (as SmolLM2's): held to a
+    keep of 0.5, the oracle's controller must reach nearly the Lagrangian bound of the step, sum_r max_a (S + lam b)
+    - N lam want minimised over lam, which no choice of actions at that budget can beat. With the policy's cell of 0.25
+    it split the rows between prices 0.25 apart and stayed near static: the bug this guards."""
+    grid = sol.action_grid(sol.ActionConfig(prune=(1.0,), bits=(16,)))
+    b = grid.budget[:, 0]  # keep 0.1, 0.25, 0.5, 0.75, 1
+    g = torch.Generator().manual_seed(0)
+    N, want = 64, 0.5
+    kl = torch.distributions.Exponential(20.0).sample((N, 1)) * (1 - b) ** 2 * (0.5 + torch.rand(N, len(b), generator=g))  # convex in keep
+    S = -kl
+    lams = torch.linspace(-2, 0, 20001)
+    dual = ((S[None] + lams[:, None, None] * b).amax(-1).sum(-1) - N * lams * want).min().item()
+    static = S[:, (b - want).abs().argmin()].sum().item()  # every row at keep 0.5
+    obs = {"scalars": torch.ones(N, 8), "live": torch.ones(N, dtype=torch.bool)}
+
+    def closed(control):
+        a = control(0, S, obs)
+        assert abs(b[a].mean().item() - want) <= schedules.BUDGET_TOL / 4
+        return (S.gather(1, a[:, None]).sum().item() - static) / (dual - static)
+    assert dual > static + 0.05  # there is room over static
+    assert closed(schedules.oracle_controller([want, None, None], grid)) > 0.95
+    assert closed(schedules.budget_controller([want, None, None], grid, cell=0.25)) < 0.8

@@ -164,19 +164,23 @@ def test_bad_checkpoints_are_refused_and_kept(tiny_run, tmp_path):
 
 
 def test_real_text_end_to_end(tmp_path):
-    text = SHARED / "text" / "tinyshakespeare.txt"
+    """Trained on two real texts at once (--dataset=a.txt,b.txt), evaluated on one of them, its own test split."""
+    text, other = SHARED / "text" / "tinyshakespeare.txt", SHARED / "text" / "fortunes.txt"
     if not text.exists():
         pytest.skip(f"{text} is absent (real-text tests need ../shared)")
-    p = run(*TINY, f"--dataset={text}", f"--out_dir={tmp_path / 'out'}")
+    p = run(*TINY, f"--dataset={text},{other}", f"--out_dir={tmp_path / 'out'}")
     assert p.returncode == 0, p.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert report["config"]["gpt"]["vocab_size"] == 50304  # GPT-2 BPE, padded
     assert all(math.isfinite(r["nll"]) for r in report["results"])
-    p = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"--out_dir={tmp_path / 'out'}", "--val_episodes=4",
+    p = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"--out_dir={tmp_path / 'out'}", f"--dataset={other}", "--val_episodes=4",
                         "--eval_episodes=4", "--search_schedules=2", "--bootstrap=50"], cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env=dict(os.environ, TIKTOKEN_CACHE_DIR=str(SHARED / "tiktoken")))
     assert p.returncode == 0, p.stderr[-2000:]
-    assert {r["method"] for r in json.loads((tmp_path / "out" / "eval.json").read_text())["results"]} >= {"sol", "search", "heuristic"}
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert {r["method"] for r in report["results"]} >= {"sol", "search", "heuristic"}
+    gpt2_cache = [m for m in (ROOT / "data" / "cache").glob("fortunes-*/meta.json") if "-tok" not in m.parent.name]
+    assert report["dataset"] == str(other) and report["splits"]["test"] == json.loads(gpt2_cache[0].read_text())["n_tokens"]["test"]
 
 
 def test_dtype_auto_picks_bfloat16_only_for_a_pretrained_model_on_native_hardware(monkeypatch):
