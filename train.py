@@ -54,7 +54,7 @@ from sol import ActionConfig, GPTConfig, PolicyConfig
 
 @dataclass
 class TrainConfig:
-    dataset: str = "synth"  # synth | shakespeare | path/to/file.txt
+    dataset: str = "synth"  # synth | shakespeare | path/to/file.txt | a.txt,b.txt (several texts, each with its own splits)
     init_from: str = ""  # a llama or gpt2 checkpoint folder, or a llama GGUF file: its model and tokenizer, no pretraining
     dtype: str = "auto"  # of the frozen GPT: auto (bfloat16 where native, cli.pick_dtype) | float32 | bfloat16 | float16
     out_dir: str = "out"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiktoken
 import torch
 import torch.nn.functional as F
 
@@ -519,7 +518,7 @@ def test_search_schedules_spend_the_budget():
         close(spent, budget, 0.0051)
 
 # -----------------------------------------------------------------------------
-# generation and multiple choice against plain forwards
+# generation against plain forwards
 
 
 @torch.no_grad()
@@ -546,22 +545,6 @@ def test_generate_dense_is_plain_greedy_decoding():
     for t, scalars in enumerate(seen):
         close(scalars, [t / n, float(t >= 3), *target, *(spent[3:t].mean(0) - target if t > 3 else torch.zeros(3))])
 
-
-@torch.no_grad()
-def test_choice_loglik_is_the_sum_of_full_forward_logprobs():
-    enc = tiktoken.Encoding(name="bytes", pat_str=r".", mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={})
-    torch.manual_seed(0)
-    model = sol.GPT(sol.GPTConfig(block_size=48, vocab_size=256, n_layer=1, n_head=2, n_embd=32, mlp_hidden=48)).eval()
-    acfg = sol.ActionConfig()
-    grid = sol.action_grid(acfg)
-    for question in ("the cat sat on", "a question longer than the block size, so its start is cut: " * 2):
-        q = {"question": question, "choices": [" the mat", " a hat", " x"], "answer": 0}
-        got = ev.choice_loglik(model, enc, q, lambda: schedules.dense_scheduler(grid), torch.ones(3), grid, acfg)
-        for choice, value in zip(q["choices"], got):
-            ids = enc.encode_ordinary(choice)
-            x = torch.tensor([enc.encode_ordinary(question) + ids])[:, -48:]
-            logp = F.log_softmax(model(x[:, :-1])[0][0], -1)[-len(ids):].gather(1, x[0, -len(ids):, None])
-            assert math.isclose(value, logp.sum().item(), rel_tol=1e-4), (question, choice)
 
 # -----------------------------------------------------------------------------
 # resuming
