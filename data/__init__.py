@@ -17,14 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_dataset(name, checkpoint=None):
     """Token splits of a dataset, prepared on first use: returns (data_dir, meta, {split: token memmap}). A text file
     is tokenized with the checkpoint's tokenizer if given (a folder or GGUF file), else with GPT-2's BPE. Several text
-    files, comma-separated, are one dataset: each is split 90/5/5 and tokenized on its own (so each keeps its own
-    test split, to evaluate on alone), and a split is the list of the texts' token arrays; the data_dir and meta are
-    the first text's."""
+    files, comma-separated, are one dataset (load_texts)."""
     if "," in name:
-        parts = [load_dataset(n, checkpoint) for n in name.split(",")]
-        if any(p[1]["vocab_size"] != parts[0][1]["vocab_size"] or p[1]["tokenizer"] != parts[0][1]["tokenizer"] for p in parts):
-            raise UsageError(f"the texts of --dataset={name} were tokenized differently; give texts of one tokenizer")
-        return parts[0][0], parts[0][1], {s: [p[2][s] for p in parts] for s in ("train", "val", "test")}
+        return load_texts(name, checkpoint)
     text = name.endswith(".txt") or os.path.sep in name
     if checkpoint is not None and not text:
         raise UsageError(f"--init_from needs a text dataset (--dataset=path/to/file.txt) to tokenize with the checkpoint's "
@@ -64,6 +59,15 @@ def load_dataset(name, checkpoint=None):
     dtype = meta.get("dtype", "uint16")  # uint32 for vocabularies over 65536 tokens
     splits = {s: np.memmap(data_dir / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val", "test")}
     return data_dir, meta, splits
+
+
+def load_texts(names, checkpoint):
+    """Several text files as one dataset: each is split 90/5/5 and tokenized on its own (so each keeps its own test
+    split, to evaluate on alone), and a split is the list of the texts' token arrays; data_dir and meta are the first's."""
+    parts = [load_dataset(n, checkpoint) for n in names.split(",")]
+    if any(p[1]["vocab_size"] != parts[0][1]["vocab_size"] or p[1]["tokenizer"] != parts[0][1]["tokenizer"] for p in parts):
+        raise UsageError(f"the texts of --dataset={names} were tokenized differently; give texts of one tokenizer")
+    return parts[0][0], parts[0][1], {s: [p[2][s] for p in parts] for s in ("train", "val", "test")}
 
 
 def texts(data):
